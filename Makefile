@@ -1,0 +1,25 @@
+# Two entry points for a fresh machine: `make demo` (the whole pipeline on a tiny setting) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+.PHONY: setup test test-fast demo bench
+setup: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(VENV)/.installed
+	$(PY) demo.py
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_step.py

@@ -1,0 +1,52 @@
+"""LPIPS-VGG perceptual distance from the `lpips` package, built without network access."""
+import warnings
+from pathlib import Path
+
+import lpips
+import torch
+import torch.nn as nn
+
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, the LPIPS trunk
+SCALINGS = ("published", "corrected")
+
+
+def vgg16_path() -> Path:
+    """Where torchvision looks for the VGG16 weights: $TORCH_HOME/hub/checkpoints/vgg16-397923af.pth."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+
+
+def build_lpips(pretrained_trunk=True) -> lpips.LPIPS:
+    """lpips.LPIPS(net='vgg') with its shipped linear heads; trunk from the local hub cache or random."""
+    if pretrained_trunk and not vgg16_path().is_file():
+        # torchvision would try to download it; fail early with what to do instead.
+        raise FileNotFoundError(
+            f"LPIPS needs the torchvision VGG16 weights {VGG16_FILE}, not found at {vgg16_path()}. "
+            f"Place {VGG16_FILE} in {vgg16_path().parent} (set TORCH_HOME to use another cache), "
+            "or build the loss with a random trunk for tests and smoke runs."
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's deprecation notice for `pretrained=`
+        net = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=not pretrained_trunk, verbose=False)
+    return net.eval().requires_grad_(False)
+
+
+class PerceptualLoss(nn.Module):
+    """Frozen LPIPS distance (B, 1, 1, 1) between image batches in [-1, 1]; always in eval mode.
+
+    scaling="published" maps the [-1, 1] inputs through 2x-1 once more before the VGG, as the
+    published code does (the released checkpoints were trained with it); "corrected" feeds them as they are.
+    """
+
+    def __init__(self, scaling="published", pretrained_trunk=True):
+        super().__init__()
+        if scaling not in SCALINGS:
+            raise ValueError(f"lpips scaling must be one of {SCALINGS}, got {scaling!r}")
+        self.normalize = scaling == "published"
+        self.lpips = build_lpips(pretrained_trunk)
+
+    def train(self, mode=True):
+        """Ignore train(): LPIPS is a fixed metric (its heads hold dropout layers)."""
+        return super().train(False)
+
+    def forward(self, x, y):
+        return self.lpips(x, y, normalize=self.normalize)

@@ -1,0 +1,198 @@
+"""Pack an image folder (ImageNet train) into OUTPUT/images.h5: ADM center crops stored as uncompressed PNGs.
+
+Layout (as published): one byte-string dataset per image at `00000/img00000000.png`, a dataset `dataset.json`
+holding {"labels": [[name, class], ...]}, and OUTPUT/images_h5.json listing every name in the file.
+Classes come from a `dataset.json` in the source folder, else from the sorted top-level folder names.
+
+    python preprocessing.py --imagenet-path /data/ILSVRC/Data/CLS-LOC/train --output-path data
+"""
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import sys
+from collections import Counter
+
+import h5py
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+# Images wider (or taller) than this many times their short side are skipped: resizing their short side to the
+# target would make a huge intermediate image (a 1x100000 strip becomes 256x25600000).
+MAX_ASPECT_RATIO = 32
+
+
+def center_crop_arr(arr, image_size):
+    """ADM center crop: halve with a box filter while the short side >= 2*image_size, bicubic resize, crop."""
+    pil_image = Image.fromarray(arr)
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+def image_name(index):
+    """Name of the index-th image inside images.h5, e.g. 00000/img00000012.png."""
+    idx = f"{index:08d}"
+    return f"{idx[:5]}/img{idx}.png"
+
+
+def walk_files(folder):
+    """Every regular file under folder (symlinked folders followed; sockets, pipes and broken links left out)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                yield from walk_files(entry.path)
+            elif entry.is_file():
+                yield entry.path
+
+
+def list_images(source_dir, max_images=None):
+    """Sorted (path, label or None) of every file with an image extension under source_dir, and the class count."""
+    Image.init()
+    paths = [p for p in walk_files(source_dir) if os.path.splitext(p)[1].lower() in Image.EXTENSION]
+    rel = {p: os.path.relpath(p, source_dir).replace(os.sep, "/") for p in paths}
+    paths = sorted(paths, key=rel.get)[:max_images]
+
+    meta_path = os.path.join(source_dir, "dataset.json")
+    labels = None
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            labels = json.load(f).get("labels")
+    if labels is not None:
+        labels = {name: int(label) for name, label in labels}
+        return [(p, labels.get(rel[p])) for p in paths], len(set(labels.values()))
+
+    # No dataset.json: one class per top-level folder (files at the top level form a class of their own).
+    tops = {p: rel[p].split("/")[0] if "/" in rel[p] else "" for p in paths}
+    classes = {name: i for i, name in enumerate(sorted(set(tops.values())))}
+    return [(p, classes[tops[p]]) for p in paths], len(classes)
+
+
+def read_rgb(path):
+    """Decode an image file to an (H, W, 3) uint8 array; returns (array, source mode)."""
+    with Image.open(path) as im:
+        mode = im.mode
+        if mode.startswith("I;16"):
+            # 16-bit grayscale: keep the high byte (Pillow's plain convert would clip everything above 255 to white).
+            im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
+        return np.asarray(im.convert("RGB")), mode
+
+
+def encode_png(arr):
+    """Uncompressed PNG bytes of an RGB uint8 array (fast to decode while training)."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="png", compress_level=0, optimize=False)
+    return buf.getvalue()
+
+
+def process_image(task):
+    """Worker: (path, resolution) -> ("ok", png bytes, source mode, upsampled) or ("skip", reason)."""
+    path, resolution = task
+    try:
+        arr, mode = read_rgb(path)
+        h, w = arr.shape[:2]
+        if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
+            return "skip", f"aspect ratio {w}x{h} above {MAX_ASPECT_RATIO}:1"
+        return "ok", encode_png(center_crop_arr(arr, resolution)), mode, min(h, w) < resolution
+    except Exception as error:  # any undecodable file is skipped, never fatal
+        return "skip", f"{type(error).__name__}: {error}".strip()
+
+
+def write_dataset(h5f, name, data):
+    """Store bytes as a scalar byte-string dataset at name (groups created as needed), as published."""
+    h5f.create_dataset(name, data=np.array(data, dtype="S"))
+
+
+def decode_all(pool, tasks, num_workers, chunksize=8):
+    """process_image over tasks in order, one window at a time so that decoded images never pile up in memory."""
+    window = 16 * chunksize * num_workers
+    for start in range(0, len(tasks), window):
+        yield from pool.imap(process_image, tasks[start:start + window], chunksize=chunksize)
+
+
+def convert(items, h5f, resolution, num_workers):
+    """Crop and store every image of items into h5f in order; returns (labels, Counter of outcomes, skipped)."""
+    labels, stats, skipped = [], Counter(), []
+    with multiprocessing.Pool(num_workers) as pool:
+        results = decode_all(pool, [(path, resolution) for path, _ in items], num_workers)
+        for (path, label), result in zip(items, tqdm(results, total=len(items), desc="Preprocessing", unit="img")):
+            if result[0] == "ok" and label is None:
+                result = "skip", "no label in the source dataset.json"
+            if result[0] == "skip":
+                skipped.append((path, result[1]))
+                tqdm.write(f"skipped {path}: {result[1]}", file=sys.stderr)
+                continue
+            _, png, mode, upsampled = result
+            name = image_name(len(labels))
+            write_dataset(h5f, name, png)
+            labels.append([name, label])
+            if mode != "RGB":
+                stats[f"converted from {mode}"] += 1
+            if upsampled:
+                stats["upsampled (smaller than the crop)"] += 1
+    return labels, stats, skipped
+
+
+def check_output(paths, overwrite):
+    """Refuse to replace existing outputs unless overwrite is set."""
+    for path in paths:
+        if os.path.exists(path) and not overwrite:
+            sys.exit(f"error: {path} already exists; pass --overwrite to replace it")
+
+
+def main(argv=None):
+    """Parse flags, convert the folder, write images.h5 and images_h5.json atomically."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--imagenet-path", type=str, required=True, help="source image folder (class subfolders)")
+    parser.add_argument("--output-path", type=str, default="data", help="folder for images.h5 and images_h5.json")
+    parser.add_argument("--resolution", type=int, default=256, help="side of the square center crop")
+    parser.add_argument("--num-workers", type=int, default=16, help="decoding processes")
+    parser.add_argument("--max-images", type=int, default=None, help="only the first N files (sorted)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    args = parser.parse_args(argv)
+
+    if not os.path.isdir(args.imagenet_path):
+        sys.exit(f"error: --imagenet-path {args.imagenet_path} is not a folder")
+    h5_path = os.path.join(args.output_path, "images.h5")
+    json_path = os.path.join(args.output_path, "images_h5.json")
+    check_output([h5_path, json_path], args.overwrite)
+
+    items, num_classes = list_images(args.imagenet_path, args.max_images)
+    if not items:
+        sys.exit(f"error: no files with an image extension under {args.imagenet_path}")
+    print(f"Found {len(items)} image files in {num_classes} classes under {args.imagenet_path}")
+
+    os.makedirs(args.output_path, exist_ok=True)
+    tmp_h5, tmp_json = h5_path + ".tmp", json_path + ".tmp"
+    try:
+        with h5py.File(tmp_h5, "w") as h5f:
+            labels, stats, skipped = convert(items, h5f, args.resolution, max(args.num_workers, 1))
+            if not labels:
+                sys.exit("error: no image could be read; nothing written")
+            write_dataset(h5f, "dataset.json", json.dumps({"labels": labels}).encode("utf-8"))
+            names = []
+            h5f.visit(names.append)
+        with open(tmp_json, "w") as f:
+            json.dump(names, f, indent=2)
+        os.replace(tmp_h5, h5_path)
+        os.replace(tmp_json, json_path)
+    finally:
+        for path in (tmp_h5, tmp_json):
+            if os.path.exists(path):
+                os.remove(path)
+
+    print(f"Wrote {len(labels)} images to {h5_path}; skipped {len(skipped)} of {len(items)} files")
+    for what, count in sorted(stats.items()):
+        print(f"  {what}: {count}")
+    return labels, stats, skipped
+
+
+if __name__ == "__main__":
+    main()

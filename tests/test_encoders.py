@@ -1,0 +1,189 @@
+"""Encoders: published preprocessing, token shapes of every family, weight files in all formats, missing weights."""
+import huggingface_hub
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed
+
+from conftest import load_fixture
+from models.encoders import (build_encoder, encoder_patch_tokens, load_encoders, preprocess_raw_image)
+
+EMBED_DIMS = {
+    "dinov2-vit-s": 384, "dinov2-vit-b": 768, "dinov2-vit-l": 1024, "dinov2-vit-g": 1536,
+    "dinov2reg-vit-s": 384, "dinov2reg-vit-b": 768, "dinov2reg-vit-l": 1024, "dinov2reg-vit-g": 1536,
+    "mocov3-vit-s": 384, "mocov3-vit-b": 768, "mocov3-vit-l": 1024,
+    "dinov1-vit-b": 768, "clip-vit-L": 1024, "mae-vit-l": 1024, "jepa-vit-h": 1280,
+}
+
+
+@pytest.fixture
+def no_weights_anywhere(tmp_path, monkeypatch):
+    """Empty working dir, torch.hub cache and HF cache; no weight variables."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    for name in EMBED_DIMS:
+        monkeypatch.delenv("REPAE_ENCODER_CKPT_" + name.upper().replace("-", "_"), raising=False)
+    monkeypatch.delenv("REPAE_ENCODER_CKPT", raising=False)
+    return tmp_path
+
+
+def randomize_(model):
+    """Make layer scales and prefix tokens non-trivial so that every weight shows in the features."""
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("gamma"):
+            param.data.uniform_(0.5, 1.0)
+        elif name in ("cls_token", "reg_token", "pos_embed"):
+            param.data.normal_(0, 0.5)
+    return model
+
+
+def to_official_dinov2(timm_state):
+    """timm DINOv2 state dict -> the official hub checkpoint layout (mask token; class position inside pos_embed)."""
+    state = {k: v.clone() for k, v in timm_state.items()}
+    state["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
+    if "reg_token" in state:
+        class_pos = torch.randn(1, 1, state["cls_token"].shape[-1])
+        state["register_tokens"] = state.pop("reg_token")
+        state["cls_token"] = state["cls_token"] - class_pos
+        state["pos_embed"] = torch.cat([class_pos, state["pos_embed"]], dim=1)
+    return state
+
+
+@pytest.mark.parametrize("name", sorted(load_fixture("preprocess.pt")["encoder_inputs"]))
+def test_preprocess_matches_published(name):
+    fixture = load_fixture("preprocess.pt")
+    out = preprocess_raw_image(fixture["raw_uint8"], name.split("-")[0])
+    torch.testing.assert_close(out, fixture["encoder_inputs"][name], rtol=0, atol=1e-6)
+
+
+def test_preprocess_sizes_at_512():
+    x = torch.randint(0, 256, (1, 3, 512, 512), dtype=torch.uint8)
+    assert preprocess_raw_image(x, "dinov2").shape[-1] == 448
+    assert preprocess_raw_image(x, "clip").shape[-1] == 448
+    assert preprocess_raw_image(x, "mocov3").shape[-1] == 512
+    assert preprocess_raw_image(x[..., :256, :256], "jepa", resolution=256).shape[-1] == 224
+
+
+@pytest.mark.parametrize("resolution", [256, 512])
+@pytest.mark.parametrize("name", sorted(EMBED_DIMS))
+def test_every_family_shapes_on_meta(name, resolution):
+    with pytest.warns(UserWarning, match="random weights"):
+        encoders, types, archs = load_encoders(name, "meta", resolution=resolution, random_init=True)
+    encoder, = encoders
+    assert (types, archs) == ([name.split("-")[0]], ["vit"])
+    assert encoder.embed_dim == EMBED_DIMS[name] and not encoder.training
+    assert not any(p.requires_grad for p in encoder.parameters())
+    x = preprocess_raw_image(torch.zeros(2, 3, resolution, resolution, dtype=torch.uint8, device="meta"), types[0])
+    tokens = encoder_patch_tokens(encoder, types[0], x)
+    assert tokens.shape == (2, (16 * resolution // 256) ** 2, EMBED_DIMS[name])
+
+
+@pytest.mark.parametrize("name,resolution", [
+    ("dinov2-vit-s", 256), ("dinov2reg-vit-s", 256), ("mocov3-vit-s", 256), ("dinov2-vit-s", 512)])
+def test_small_encoders_run(name, resolution):
+    with pytest.warns(UserWarning):
+        (encoder,), (enc_type,), _ = load_encoders(name, "cpu", resolution=resolution, random_init=True)
+    x = preprocess_raw_image(torch.randint(0, 256, (1, 3, resolution, resolution), dtype=torch.uint8), enc_type)
+    with torch.no_grad():
+        tokens = encoder_patch_tokens(encoder, enc_type, x)
+    assert tokens.shape == (1, (16 * resolution // 256) ** 2, 384) and torch.isfinite(tokens).all()
+
+
+def test_several_encoders_in_one_call():
+    with pytest.warns(UserWarning):
+        encoders, types, archs = load_encoders("dinov2-vit-b,mocov3-vit-l", "meta", random_init=True)
+    assert [e.embed_dim for e in encoders] == [768, 1024]
+    assert (types, archs) == (["dinov2", "mocov3"], ["vit", "vit"])
+
+
+def test_patch_tokens_drop_prefix_and_skip_norm_for_mae_clip():
+    vit = timm.create_model("vit_small_patch14_reg4_dinov2", img_size=28, depth=2, num_classes=0).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        normed = encoder_patch_tokens(vit, "dinov2", x)
+        raw = encoder_patch_tokens(vit, "mae", x)
+        torch.testing.assert_close(normed, vit.forward_features(x)[:, 5:], rtol=0, atol=0)
+        torch.testing.assert_close(vit.norm(raw), normed)  # MAE / CLIP tokens: same blocks, no final norm
+    assert raw.shape == (2, 4, 384)
+
+
+def test_hub_format_dinov2_reg_file_gives_source_features(tmp_path, monkeypatch):
+    source = randomize_(build_encoder("dinov2reg", "s", 256)).eval()
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(to_official_dinov2(source.state_dict()), path)
+    monkeypatch.setenv("REPAE_ENCODER_CKPT_DINOV2REG_VIT_S", str(path))
+    (encoder,), _, _ = load_encoders("dinov2reg-vit-s", "cpu")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder_patch_tokens(encoder, "dinov2reg", x),
+                                   encoder_patch_tokens(source, "dinov2reg", x), rtol=1e-5, atol=1e-5)
+
+
+def test_hub_cache_dinov2_518_checkpoint_resampled_as_published(no_weights_anywhere):
+    source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
+    official = to_official_dinov2(source.state_dict())
+    hub_dir = no_weights_anywhere / "torch" / "hub" / "checkpoints"
+    hub_dir.mkdir(parents=True)
+    torch.save(official, hub_dir / "dinov2_vits14_pretrain.pth")
+    (encoder,), _, _ = load_encoders("dinov2-vit-s", "cpu", resolution=512)
+    # the published code resamples the hub model's 37x37 grid to 32x32 for 448 px inputs
+    torch.testing.assert_close(encoder.pos_embed, resample_abs_pos_embed(official["pos_embed"], [32, 32]),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(encoder.blocks[3].ls2.gamma, official["blocks.3.ls2.gamma"], rtol=0, atol=0)
+
+
+def test_timm_weights_from_the_hf_cache(no_weights_anywhere):
+    source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
+    repo = no_weights_anywhere / "hf" / "models--timm--vit_small_patch14_dinov2.lvd142m"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(source.state_dict(), repo / "snapshots" / ("0" * 40) / "model.safetensors")
+    (encoder,), _, _ = load_encoders("dinov2-vit-s", "cpu")
+    torch.testing.assert_close(encoder.pos_embed, resample_abs_pos_embed(source.pos_embed, [16, 16]), rtol=0, atol=0)
+
+
+def test_mocov3_release_format_and_timm_safetensors(tmp_path):
+    source = randomize_(build_encoder("mocov3", "s", 256)).eval()
+    pos_224 = torch.randn(1, 1 + 14 * 14, 384)  # MoCo v3 was trained at 224 px
+    state = {"module.base_encoder." + k: v for k, v in source.state_dict().items() if k != "pos_embed"}
+    state.update({"module.base_encoder.pos_embed": pos_224, "module.base_encoder.head.0.weight": torch.zeros(4, 384),
+                  "module.momentum_encoder.cls_token": torch.zeros(1, 1, 384)})
+    torch.save({"state_dict": state, "epoch": 300}, tmp_path / "vit-s-300ep.pth.tar")
+    (encoder,), _, _ = load_encoders("mocov3-vit-s", "cpu", ckpt=str(tmp_path / "vit-s-300ep.pth.tar"))
+    torch.testing.assert_close(encoder.pos_embed, resample_abs_pos_embed(pos_224, [16, 16]), rtol=0, atol=0)
+    torch.testing.assert_close(encoder.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight, rtol=0, atol=0)
+
+    save_file(source.state_dict(), tmp_path / "timm.safetensors")
+    (encoder,), _, _ = load_encoders("mocov3-vit-s", "cpu", ckpt=str(tmp_path / "timm.safetensors"))
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder_patch_tokens(encoder, "mocov3", x),
+                                   encoder_patch_tokens(source, "mocov3", x), rtol=0, atol=0)
+
+
+def test_missing_weights_error_says_what_to_get(no_weights_anywhere):
+    with pytest.raises(FileNotFoundError) as error:
+        load_encoders("dinov2-vit-b", "cpu")
+    message = str(error.value)
+    for part in ("dinov2_vitb14_pretrain.pth", "torch/hub/checkpoints", "REPAE_ENCODER_CKPT_DINOV2_VIT_B",
+                 "timm/vit_base_patch14_dinov2.lvd142m", "random_init=True"):
+        assert part in message
+    with pytest.raises(FileNotFoundError, match=r"ckpts/mocov3_vitb\.pth.*moco-v3|moco-v3.*ckpts/mocov3_vitb\.pth"):
+        load_encoders("mocov3-vit-b", "cpu")
+    with pytest.raises(FileNotFoundError, match="nope.pth does not exist"):
+        load_encoders("dinov2-vit-b", "cpu", ckpt="nope.pth")
+
+
+@pytest.mark.parametrize("enc_type", ["dinov2-vit-x", "foo-vit-b", "dinov2-vitb", "clip-vit-l", "mocov3-resnet-b"])
+def test_unsupported_names_rejected(enc_type):
+    with pytest.raises(ValueError, match="encoder"):
+        load_encoders(enc_type, "meta", random_init=True)
+
+
+def test_checkpoint_count_must_match_encoders():
+    with pytest.raises(ValueError, match="2 encoder checkpoint paths"):
+        load_encoders("dinov2-vit-b", "meta", ckpt="a.pth,b.pth")

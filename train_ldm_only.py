@@ -1,0 +1,148 @@
+"""Latent diffusion only: a SiT with REPA on latents cached from a frozen (E2E-)VAE.
+
+The batch-norm latent normalizer is fixed from the VAE's latent statistics and stays in eval mode; the VAE
+itself is only used to decode the sample grids.
+
+    python cache_latents.py --vae-arch f16d32 --vae-ckpt-path pretrained/e2e-vavae/e2e-vavae.pt \
+        --vae-latents-name e2e-vavae
+    accelerate launch train_ldm_only.py --exp-name sit-xl-1-e2e-vavae --model SiT-XL/1 --vae f16d32 \
+        --vae-ckpt pretrained/e2e-vavae/e2e-vavae.pt --vae-latents-name e2e-vavae
+"""
+import argparse
+import copy
+
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from models.encoders import load_encoders
+from models.sit import SiT_models
+from utils.cli import add_training_args, validate_training_args
+from utils.data import ImageLatentDataset
+from utils.ema import requires_grad, update_ema
+from utils.guard import NonFiniteGuard
+from utils.latents import load_vae
+from utils.training import (
+    encoder_features, latent_geometry, make_accelerator, make_dataloader, make_optimizer, reduce_logs,
+    restore_training_state, resolve_resume, sample_grid, save_training_state, setup_experiment, start_epoch, unwrap,
+)
+
+
+def sample_posterior(moments):
+    """One draw z = mean + std * eps from cached posterior moments (B, 2C, h, w): mean then std."""
+    mean, std = moments.chunk(2, dim=1)
+    return mean + std * torch.randn_like(mean)
+
+
+def main(args):
+    """Train a SiT with REPA on cached latents."""
+    accelerator = make_accelerator(args)
+    exp_dir, logger = setup_experiment(args, accelerator)
+    device = accelerator.device
+    resume_path = resolve_resume(args, exp_dir)
+
+    set_seed(args.seed)
+    latent_size, in_channels = latent_geometry(args.vae, args.resolution)
+    encoders, encoder_types, _ = load_encoders(
+        args.enc_type, device, args.resolution, ckpt=args.enc_ckpt, random_init=args.enc_random_init)
+    model = SiT_models[args.model](
+        input_size=latent_size, in_channels=in_channels, num_classes=args.num_classes,
+        class_dropout_prob=args.cfg_prob, z_dims=[encoder.embed_dim for encoder in encoders],
+        encoder_depth=args.encoder_depth, bn_momentum=args.bn_momentum,
+        qk_norm=args.qk_norm, fused_attn=args.fused_attn,
+    ).to(device)
+    vae, latents_stats = load_vae(args.vae, args.vae_ckpt)
+    vae = vae.to(device).eval()
+    requires_grad(vae, False)
+    model.init_bn(latents_stats["latents_scale"].to(device), latents_stats["latents_bias"].to(device))
+    logger.info(f"SiT parameters: {sum(p.numel() for p in model.parameters()):,}")
+
+    optimizer = make_optimizer(model.parameters(), args.learning_rate, args)
+    dataset = ImageLatentDataset(args.data_dir, args.vae_latents_name)
+    dataloader, sampler = make_dataloader(dataset, args, accelerator)
+    logger.info(f"Dataset contains {len(dataset):,} images with latents {args.vae_latents_name} ({args.data_dir})")
+
+    if args.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = copy.deepcopy(unwrap(model)).eval()
+    requires_grad(ema, False)
+
+    modules = {"model": unwrap(model), "ema": ema}
+    optimizers = {"opt": optimizer}
+    guard = NonFiniteGuard(args.max_nonfinite_steps, logger)
+    state = {"steps": 0, "epoch": 0, "batch_in_epoch": 0}
+    set_seed(args.seed + accelerator.process_index)
+    if resume_path is not None:
+        state, _ = restore_training_state(resume_path, accelerator, modules, optimizers, guard)
+        logger.info(f"Resumed from {resume_path} at step {state['steps']}")
+    global_step = state["steps"]
+
+    accelerator.init_trackers("REPA-E", config=vars(copy.deepcopy(args)),
+                              init_kwargs={"wandb": {"name": args.exp_name}})
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    loss_kwargs = dict(path_type=args.path_type, prediction=args.prediction, weighting=args.weighting)
+
+    for epoch in range(state["epoch"], args.epochs):
+        start_batch = start_epoch(sampler, dataloader, epoch, state)
+        for batch_in_epoch, (raw_image, moments, labels) in enumerate(dataloader, start=start_batch):
+            if global_step >= args.max_train_steps:
+                break
+            raw_image, moments, labels = raw_image.to(device), moments.to(device), labels.to(device)
+            zs = encoder_features(encoders, encoder_types, raw_image, accelerator)
+            # The normalizer keeps the VAE's statistics: eval mode while the rest of the SiT trains.
+            model.train()
+            unwrap(model).bn.eval()
+            with accelerator.accumulate(model), accelerator.autocast():
+                sit_outputs = model(x=sample_posterior(moments), y=labels, zs=zs, loss_kwargs=loss_kwargs)
+                sit_loss = sit_outputs["denoising_loss"].mean() + args.proj_coeff * sit_outputs["proj_loss"].mean()
+                accelerator.backward(sit_loss)
+                grad_norm_sit = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if guard.is_finite("SiT loss/gradient", sit_loss, grad_norm_sit) or accelerator.scaler:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            update_ema(ema, unwrap(model))
+            global_step += 1
+            state = {"steps": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}
+            guard.end_step(global_step)
+            progress_bar.update(1)
+
+            logs = reduce_logs({"sit_loss": sit_loss, "denoising_loss": sit_outputs["denoising_loss"].mean(),
+                                "proj_loss": sit_outputs["proj_loss"].mean(), "grad_norm_sit": grad_norm_sit},
+                               accelerator)
+            logs.update(epoch=epoch, skipped_updates=guard.skipped)
+            progress_bar.set_postfix(sit=f"{logs['sit_loss']:.4f}", proj=f"{logs['proj_loss']:.4f}")
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                path = save_training_state(exp_dir, args, accelerator, modules, optimizers, guard, state)
+                logger.info(f"Saved checkpoint to {path}")
+            if global_step == 1 or global_step % args.sampling_steps == 0:
+                path = sample_grid(ema, vae, args, accelerator, exp_dir, global_step, latent_size, in_channels)
+                logger.info(f"Saved EMA sample grid to {path}")
+        if global_step >= args.max_train_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    logger.info(f"Done: {global_step} steps, {guard.skipped} skipped updates")
+    accelerator.end_training()
+    return state
+
+
+def parse_args(input_args=None):
+    """Published train_ldm_only.py flags."""
+    parser = argparse.ArgumentParser(description="SiT + REPA training on cached VAE latents")
+    add_training_args(parser, model_default="SiT-XL/1", vae_default="f16d32",
+                      vae_ckpt_default="pretrained/e2e-vavae-400k/e2e-vavae-400k.pt")
+    parser.add_argument("--vae-latents-name", type=str, default="e2e-vavae-400k")
+    parser.add_argument("--cfg-prob", type=float, default=0.1)
+    parser.add_argument("--bn-momentum", type=float, default=0.1)
+    return validate_training_args(parser.parse_args(input_args))
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,240 @@
+"""REPA-E: end-to-end training of a SiT together with its VAE.
+
+Per batch: (1) frozen-encoder features, (2) VAE forward, (3) VAE step on its regularizer plus the REPA
+alignment loss through the frozen SiT, (4) discriminator step, (5) SiT step on the detached latent
+(stop-gradient) with the same time and noise, (6) EMA of the SiT.
+
+    accelerate launch train_repae.py --exp-name repae-sit-xl-2 --model SiT-XL/2 --vae f8d4 \
+        --vae-ckpt pretrained/sdvae/sdvae-f8d4.pt --enc-type dinov2-vit-b --batch-size 256
+"""
+import argparse
+import copy
+
+import torch
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from loss.vae_loss import ReconstructionLoss_Single_Stage
+from models.encoders import load_encoders
+from models.sit import SiT_models
+from utils.checkpoint import load_file, load_state_dict_strict
+from utils.cli import add_training_args, validate_training_args
+from utils.data import ImageDataset
+from utils.ema import requires_grad, update_ema
+from utils.guard import NonFiniteGuard
+from utils.latents import estimate_latents_stats, load_vae, preprocess_imgs_vae
+from utils.training import (
+    encoder_features, latent_geometry, make_accelerator, make_dataloader, make_optimizer, reduce_logs,
+    restore_training_state, resolve_resume, sample_grid, save_training_state, setup_experiment, start_epoch,
+    sync_batchnorm, unwrap,
+)
+
+
+def latent_channel_stats(z):
+    """Per-channel mean and std of a latent batch, the signal of the latent collapse the paper describes."""
+    z = z.detach().float()
+    mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
+    logs = {f"latent_mean/c{i}": m for i, m in enumerate(mean)}
+    logs.update({f"latent_std/c{i}": s for i, s in enumerate(std)})
+    logs["latent_std_min"] = std.min()
+    return logs
+
+
+def loss_buffers(vae_loss_fn):
+    """Buffers the loss function owns itself (LeCam EMAs), not those of its discriminator or LPIPS net."""
+    return {name: buffer for name, buffer in vae_loss_fn.named_buffers(recurse=False)}
+
+
+def main(args):
+    """Train SiT and VAE end to end with the published recipe."""
+    accelerator = make_accelerator(args)
+    exp_dir, logger = setup_experiment(args, accelerator)
+    device = accelerator.device
+    resume_path = resolve_resume(args, exp_dir)
+
+    # Models are built from the same seed on every process; each process then gets its own random stream.
+    set_seed(args.seed)
+    latent_size, in_channels = latent_geometry(args.vae, args.resolution)
+    encoders, encoder_types, _ = load_encoders(
+        args.enc_type, device, args.resolution, ckpt=args.enc_ckpt, random_init=args.enc_random_init)
+    model = SiT_models[args.model](
+        input_size=latent_size, in_channels=in_channels, num_classes=args.num_classes,
+        class_dropout_prob=args.cfg_prob, z_dims=[encoder.embed_dim for encoder in encoders],
+        encoder_depth=args.encoder_depth, bn_momentum=args.bn_momentum,
+        qk_norm=args.qk_norm, fused_attn=args.fused_attn,
+    ).to(device)
+    vae, latents_stats = load_vae(args.vae, args.vae_ckpt, require_stats=False)
+    vae = vae.to(device)
+    if latents_stats is not None:
+        model.init_bn(latents_stats["latents_scale"].to(device), latents_stats["latents_bias"].to(device))
+
+    vae_loss_fn = ReconstructionLoss_Single_Stage(
+        OmegaConf.load(args.loss_cfg_path), pretrained_lpips=not args.lpips_random_init).to(device)
+    if args.disc_pretrained_ckpt:
+        load_state_dict_strict(vae_loss_fn.discriminator, load_file(args.disc_pretrained_ckpt), args.disc_pretrained_ckpt)
+        logger.info(f"Loaded discriminator from {args.disc_pretrained_ckpt}")
+    logger.info(f"SiT parameters: {sum(p.numel() for p in model.parameters()):,}; "
+                f"VAE parameters: {sum(p.numel() for p in vae.parameters()):,}")
+
+    model = sync_batchnorm(model, accelerator)
+    optimizer = make_optimizer(model.parameters(), args.learning_rate, args)
+    optimizer_vae = make_optimizer(vae.parameters(), args.vae_learning_rate, args)
+    optimizer_loss_fn = make_optimizer(vae_loss_fn.parameters(), args.disc_learning_rate, args)
+
+    dataset = ImageDataset(args.data_dir)
+    dataloader, sampler = make_dataloader(dataset, args, accelerator)
+    logger.info(f"Dataset contains {len(dataset):,} images ({args.data_dir})")
+
+    if args.compile:
+        model, vae, vae_loss_fn = (torch.compile(m) for m in (model, vae, vae_loss_fn))
+    model, vae, vae_loss_fn, optimizer, optimizer_vae, optimizer_loss_fn = accelerator.prepare(
+        model, vae, vae_loss_fn, optimizer, optimizer_vae, optimizer_loss_fn)
+    if latents_stats is None:
+        logger.warning("no latent statistics: estimating them from the first batches (smoke runs only)")
+        batches = [images for images, _ in zip((b[0] for b in dataloader), range(4))]
+        stats = {k: accelerator.reduce(v, "mean") for k, v in estimate_latents_stats(unwrap(vae), batches, device).items()}
+        unwrap(model).init_bn(stats["latents_scale"], stats["latents_bias"])
+    ema = copy.deepcopy(unwrap(model)).eval()
+    requires_grad(ema, False)
+
+    # Checkpoint keys as published; the loss function's own buffers (LeCam statistics) ride along.
+    modules = {"model": unwrap(model), "ema": ema, "vae": unwrap(vae), "discriminator": unwrap(vae_loss_fn).discriminator}
+    optimizers = {"opt": optimizer, "opt_vae": optimizer_vae, "opt_disc": optimizer_loss_fn}
+    guard = NonFiniteGuard(args.max_nonfinite_steps, logger)
+    state = {"steps": 0, "epoch": 0, "batch_in_epoch": 0}
+    set_seed(args.seed + accelerator.process_index)
+    if resume_path is not None:
+        state, checkpoint = restore_training_state(resume_path, accelerator, modules, optimizers, guard)
+        for name, buffer in loss_buffers(unwrap(vae_loss_fn)).items():
+            buffer.copy_(checkpoint.get("vae_loss_buffers", {}).get(name, buffer))
+        logger.info(f"Resumed from {resume_path} at step {state['steps']}")
+    global_step = state["steps"]
+
+    accelerator.init_trackers("REPA-E", config=vars(copy.deepcopy(args)),
+                              init_kwargs={"wandb": {"name": args.exp_name}})
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    loss_kwargs = dict(path_type=args.path_type, prediction=args.prediction, weighting=args.weighting)
+
+    for epoch in range(state["epoch"], args.epochs):
+        start_batch = start_epoch(sampler, dataloader, epoch, state)
+        for batch_in_epoch, (raw_image, labels) in enumerate(dataloader, start=start_batch):
+            if global_step >= args.max_train_steps:
+                break
+            raw_image, labels = raw_image.to(device), labels.to(device)
+            zs = encoder_features(encoders, encoder_types, raw_image, accelerator)
+            vae.train(not args.freeze_vae)
+            with accelerator.accumulate(model, vae, vae_loss_fn), accelerator.autocast():
+                # 1) VAE forward.
+                processed_image = preprocess_imgs_vae(raw_image)
+                with torch.set_grad_enabled(not args.freeze_vae):
+                    posterior, z, recon_image = vae(processed_image)
+
+                # 2) VAE step: regularizer + REPA alignment through the frozen SiT (running batch-norm statistics).
+                requires_grad(model, False)
+                model.eval()
+                if args.freeze_vae:
+                    vae_align = model(x=z, y=labels, zs=zs, loss_kwargs=loss_kwargs, align_only=True)
+                else:
+                    vae_loss, vae_loss_dict = vae_loss_fn(processed_image, recon_image, posterior, global_step, "generator")
+                    vae_align = model(x=z, y=labels, zs=zs, loss_kwargs=loss_kwargs,
+                                      align_only=not args.diffusion_loss_to_vae)
+                    vae_loss = vae_loss.mean() + args.vae_align_proj_coeff * vae_align["proj_loss"].mean()
+                    if args.diffusion_loss_to_vae:
+                        vae_loss = vae_loss + vae_align["denoising_loss"].mean()
+                    accelerator.backward(vae_loss)
+                    grad_norm_vae = accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
+                    if guard.is_finite("VAE loss/gradient", vae_loss, grad_norm_vae) or accelerator.scaler:
+                        optimizer_vae.step()
+                    optimizer_vae.zero_grad(set_to_none=True)
+
+                    # 3) Discriminator step on real images and detached reconstructions.
+                    d_loss, d_loss_dict = vae_loss_fn(processed_image, recon_image, posterior, global_step, "discriminator")
+                    accelerator.backward(d_loss)
+                    grad_norm_disc = accelerator.clip_grad_norm_(vae_loss_fn.parameters(), args.max_grad_norm)
+                    if guard.is_finite("discriminator loss/gradient", d_loss, grad_norm_disc) or accelerator.scaler:
+                        optimizer_loss_fn.step()
+                    optimizer_loss_fn.zero_grad(set_to_none=True)
+
+                # 4) SiT step on the detached latent with the same time and noise; batch-norm in training mode.
+                requires_grad(model, True)
+                model.train()
+                sit_outputs = model(x=z.detach(), y=labels, zs=zs, loss_kwargs=loss_kwargs,
+                                    time_input=vae_align["time_input"], noises=vae_align["noises"])
+                sit_loss = sit_outputs["denoising_loss"].mean() + args.proj_coeff * sit_outputs["proj_loss"].mean()
+                accelerator.backward(sit_loss)
+                grad_norm_sit = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if guard.is_finite("SiT loss/gradient", sit_loss, grad_norm_sit) or accelerator.scaler:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            # 5) EMA of the SiT, then bookkeeping for one optimization step.
+            update_ema(ema, unwrap(model))
+            global_step += 1
+            state = {"steps": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}
+            guard.end_step(global_step)
+            progress_bar.update(1)
+
+            logs = {"sit_loss": sit_loss, "denoising_loss": sit_outputs["denoising_loss"].mean(),
+                    "proj_loss": sit_outputs["proj_loss"].mean(), "grad_norm_sit": grad_norm_sit,
+                    "vae_align_loss": vae_align["proj_loss"].mean()}
+            if not args.freeze_vae:
+                logs.update({"vae_loss": vae_loss, "grad_norm_vae": grad_norm_vae, "d_loss": d_loss,
+                             "grad_norm_disc": grad_norm_disc})
+                logs.update({k: v.mean() for k, v in vae_loss_dict.items() if k != "total_loss"})
+                logs.update({k: v.mean() for k, v in d_loss_dict.items() if k != "discriminator_loss"})
+            if args.log_latent_stats:
+                logs.update(latent_channel_stats(z))
+            logs = reduce_logs(logs, accelerator)
+            logs.update(epoch=epoch, skipped_updates=guard.skipped)
+            progress_bar.set_postfix(sit=f"{logs['sit_loss']:.4f}", proj=f"{logs['proj_loss']:.4f}",
+                                     vae=f"{logs.get('vae_loss', 0.0):.4f}")
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                path = save_training_state(exp_dir, args, accelerator, modules, optimizers, guard, state,
+                                           extra={"vae_loss_buffers": loss_buffers(unwrap(vae_loss_fn))})
+                logger.info(f"Saved checkpoint to {path}")
+            if global_step == 1 or global_step % args.sampling_steps == 0:
+                path = sample_grid(ema, unwrap(vae), args, accelerator, exp_dir, global_step, latent_size, in_channels)
+                logger.info(f"Saved EMA sample grid to {path}")
+        if global_step >= args.max_train_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    logger.info(f"Done: {global_step} steps, {guard.skipped} skipped updates")
+    accelerator.end_training()
+    return state
+
+
+def parse_args(input_args=None):
+    """Published train_repae.py flags, plus smoke-run and ablation switches."""
+    parser = argparse.ArgumentParser(description="REPA-E end-to-end training")
+    add_training_args(parser, model_default="SiT-XL/2", vae_default="f8d4",
+                      vae_ckpt_default="pretrained/sdvae-f8d4/sdvae-f8d4.pt")
+    parser.add_argument("--bn-momentum", type=float, default=0.1)
+    parser.add_argument("--cfg-prob", type=float, default=0.1)
+    parser.add_argument("--disc-pretrained-ckpt", type=str, default=None)
+    parser.add_argument("--loss-cfg-path", type=str, default="configs/l1_lpips_kl_gan.yaml")
+    parser.add_argument("--vae-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--disc-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--vae-align-proj-coeff", type=float, default=1.5)
+    parser.add_argument("--lpips-random-init", action="store_true",
+                        help="random LPIPS VGG trunk when its weights are not available offline (smoke runs)")
+    parser.add_argument("--diffusion-loss-to-vae", action="store_true",
+                        help="ablation: no stop-gradient, the diffusion loss also trains the VAE")
+    parser.add_argument("--freeze-vae", action="store_true",
+                        help="ablation: keep the VAE fixed (the REPA baseline with a batch-norm normalizer)")
+    parser.add_argument("--log-latent-stats", action="store_true",
+                        help="log per-channel mean and std of the latents (watch for latent collapse)")
+    args = parser.parse_args(input_args)
+    if args.freeze_vae and args.diffusion_loss_to_vae:
+        raise SystemExit("--freeze-vae and --diffusion-loss-to-vae exclude each other")
+    return validate_training_args(args)
+
+
+if __name__ == "__main__":
+    main(parse_args())

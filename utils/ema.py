@@ -1,0 +1,22 @@
+"""Exponential moving average of a model's parameters and floating buffers."""
+import torch
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay=0.9999):
+    """Step ema_model towards model; floating buffers (batch-norm statistics) are averaged, others copied."""
+    ema_params = dict(ema_model.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+    ema_buffers = dict(ema_model.named_buffers())
+    for name, buffer in model.named_buffers():
+        if torch.is_floating_point(buffer):
+            ema_buffers[name].mul_(decay).add_(buffer.detach(), alpha=1 - decay)
+        else:
+            ema_buffers[name].copy_(buffer)
+
+
+def requires_grad(model, flag=True):
+    """Set requires_grad on every parameter of model."""
+    for param in model.parameters():
+        param.requires_grad_(flag)
