@@ -285,8 +285,10 @@ _SIZES = {
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "S": dict(depth=12, hidden_size=384, num_heads=6),
 }
+# Not published: a 4-block, 192-wide SiT for smoke runs, tests and the demo on a CPU.
+_SMOKE_SIZES = {"T": dict(depth=4, hidden_size=192, num_heads=3)}
 
 SiT_models = {
     f"SiT-{size}/{patch}": functools.partial(SiT, patch_size=patch, **cfg)
-    for size, cfg in _SIZES.items() for patch in (1, 2, 4, 8)
+    for size, cfg in {**_SIZES, **_SMOKE_SIZES}.items() for patch in (1, 2, 4, 8)
 }

@@ -14,12 +14,13 @@ class NonFiniteGuard:
 
     def is_finite(self, name, *values):
         """True when every value (tensor or float) is finite; otherwise record and warn."""
-        finite = all(math.isfinite(float(v)) for v in values)
+        values = [float(v.detach()) if hasattr(v, "detach") else float(v) for v in values]
+        finite = all(math.isfinite(v) for v in values)
         if not finite:
             self.skipped += 1
             self._bad_this_step = True
             if self.logger is not None:
-                self.logger.warning(f"non-finite {name} ({', '.join(f'{float(v):.4g}' for v in values)}): update skipped")
+                self.logger.warning(f"non-finite {name} ({', '.join(f'{v:.4g}' for v in values)}): update skipped")
         return finite
 
     def end_step(self, step):

@@ -1,0 +1,339 @@
+"""Sample images from a trained SiT for FID evaluation: one PNG per image, then an .npz for the ADM suite.
+
+    torchrun --nproc_per_node=8 generate.py --exp-path EXP --train-steps 400000 --cfg-scale 1.0
+    python generate.py --ckpt EXP/checkpoints/0400000.pt --num-fid-samples 1000     # one process, GPU or CPU
+
+Samples come from the EMA weights. The folder SAMPLE_DIR/EXPNAME_STEP_cfgSCALE-LOW-HIGH, each process's seed
+and the image numbering are the published ones, so a run reproduces the published random stream. A stopped run
+restarts where it stopped: batches whose PNGs all exist are not sampled again, but their random numbers are
+still drawn, so every other image comes out as in an uninterrupted run. An existing .npz means nothing to do.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from models.autoencoder import vae_models
+from models.sit import SiT_models
+from utils.checkpoint import checkpoint_file, list_checkpoints, load_file, load_state_dict_strict
+from utils.latents import denormalize_latents, load_vae
+from utils.samplers import euler_maruyama_sampler, euler_sampler
+
+# What the published script samples when --exp-path is missing.
+DEFAULT_EXP_PATH = "pretrained/sit-xl-dinov2-b-enc8-repae-sdvae-0.5-1.5-400k"
+DEFAULT_TRAIN_STEPS = "400000"
+# Training defaults for the model settings, in case an older args.json lacks one.
+CONFIG_DEFAULTS = dict(resolution=256, num_classes=1000, encoder_depth=8, cfg_prob=0.1, qk_norm=False,
+                       fused_attn=True, bn_momentum=0.1)
+# Kept in the sample folder: PNGs of an interrupted run are reused only under the same settings.
+SETTINGS_FILE = "sampling.json"
+
+
+def parse_args(argv=None):
+    """Published flags plus --ckpt and --vae-ckpt."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on GPUs (fast, slightly different numbers)")
+    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument("--exp-path", type=str, default=None,
+                        help=f"experiment folder with args.json and checkpoints/ (default {DEFAULT_EXP_PATH})")
+    parser.add_argument("--train-steps", type=str, default=None,
+                        help="checkpoint step to sample from (default: the newest in EXP/checkpoints)")
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="checkpoint file to sample from; model settings come from --exp-path's args.json "
+                             "if given, else from the checkpoint's own args")
+    parser.add_argument("--vae-ckpt", type=str, default=None,
+                        help="decode with this VAE (NAME.pt, .safetensors or diffusers folder) instead of the "
+                             "checkpoint's (REPA-E) or args.json's vae_ckpt (latent diffusion only); REPA-E "
+                             "checkpoints keep the latent statistics of their SiT batch-norm")
+    parser.add_argument("--pproc-batch-size", type=int, default=256, help="images per process and batch")
+    parser.add_argument("--num-fid-samples", type=int, default=50_000)
+    parser.add_argument("--mode", type=str, default="ode", choices=["ode", "sde"])
+    parser.add_argument("--cfg-scale", type=float, default=1.5)
+    parser.add_argument("--path-type", type=str, default="linear", choices=["linear", "cosine"])
+    parser.add_argument("--num-steps", type=int, default=50)
+    parser.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
+                        help="Heun's method (ODE only)")
+    parser.add_argument("--guidance-low", type=float, default=0.0)
+    parser.add_argument("--guidance-high", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    if args.cfg_scale < 1.0:
+        parser.error("--cfg-scale must be >= 1.0")
+    if args.heun and args.mode != "ode":
+        parser.error("--heun is only available with --mode ode")
+    if args.pproc_batch_size <= 0 or args.num_fid_samples <= 0 or args.num_steps <= 0:
+        parser.error("--pproc-batch-size, --num-fid-samples and --num-steps must be positive")
+    return args
+
+
+def setup_distributed():
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPU); a plain `python` run is one process."""
+    cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", int(os.environ["RANK"]) % torch.cuda.device_count()))
+        torch.cuda.set_device(local_rank)
+    # generous timeout: on a restart, processes with fewer missing images wait longer at the final barrier
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def from_main_process(obj):
+    """obj as rank 0 has it, on every process."""
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def resolve_checkpoint(args, rank):
+    """(checkpoint file, experiment name, 7-digit step) from --ckpt or --exp-path / --train-steps."""
+    if args.ckpt is not None:
+        ckpt = Path(args.ckpt)
+        if args.exp_path is not None:
+            exp_name = os.path.basename(os.path.normpath(args.exp_path))
+        else:
+            exp_name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.stem
+        step = args.train_steps if args.train_steps is not None else ckpt.stem
+        return ckpt, exp_name, str(step).zfill(7)
+    if args.exp_path is None:
+        if rank == 0:
+            print(f"--exp-path not given: sampling the published default {DEFAULT_EXP_PATH}")
+        args.exp_path = DEFAULT_EXP_PATH
+        args.train_steps = args.train_steps or DEFAULT_TRAIN_STEPS
+    if args.train_steps is None:
+        steps = list_checkpoints(args.exp_path)
+        if not steps:
+            raise SystemExit(f"no checkpoints in {Path(args.exp_path) / 'checkpoints'}: pass --train-steps or --ckpt")
+        args.train_steps = str(steps[-1])
+    step = str(args.train_steps).zfill(7)
+    return checkpoint_file(args.exp_path, int(step)), os.path.basename(os.path.normpath(args.exp_path)), step
+
+
+def sampling_settings(args, world_size):
+    """Everything besides the folder name that decides the images."""
+    keys = ("global_seed", "pproc_batch_size", "mode", "num_steps", "heun", "path_type", "cfg_scale",
+            "guidance_low", "guidance_high", "vae_ckpt")
+    return dict({key: getattr(args, key) for key in keys}, world_size=world_size)
+
+
+def prepare_folder(folder, settings, ckpt_path):
+    """On rank 0: ("done", npz) if the .npz exists, ("error", message) if sampling cannot start, else ("run", None)."""
+    npz = folder.with_name(folder.name + ".npz")
+    if npz.is_file():
+        return "done", str(npz)
+    if not ckpt_path.is_file():
+        return "error", f"checkpoint not found: {ckpt_path}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SETTINGS_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        changed = {key: (recorded.get(key), value) for key, value in settings.items() if recorded.get(key) != value}
+        if changed:
+            return "error", (f"{folder} holds samples made with other settings (recorded, now): {changed}; "
+                             "remove the folder or pass another --sample-dir")
+    else:
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+    return "run", None
+
+
+def load_config(args, checkpoint, ckpt_path):
+    """Model settings: EXP/args.json when there is an experiment folder, else the checkpoint's own args."""
+    if args.exp_path is not None:
+        with open(Path(args.exp_path) / "args.json") as handle:
+            config = json.load(handle)
+    elif "args" in checkpoint:
+        saved = checkpoint["args"]
+        config = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)
+    else:
+        raise SystemExit(f"{ckpt_path} holds no training args: pass --exp-path EXP with EXP/args.json")
+    config = {**CONFIG_DEFAULTS, **config}
+    if config["model"] not in SiT_models:
+        raise SystemExit(f"unknown model {config['model']!r} in the training args; known: {', '.join(SiT_models)}")
+    if config["vae"] not in vae_models:
+        raise SystemExit(f"unknown vae {config['vae']!r} in the training args; known: {', '.join(vae_models)}")
+    return config
+
+
+def projector_shapes(ema_state):
+    """(z_dims, projector_dim) read off the projector weights, so no representation encoder is needed."""
+    z_dims = []
+    while f"projectors.{len(z_dims)}.4.weight" in ema_state:
+        z_dims.append(ema_state[f"projectors.{len(z_dims)}.4.weight"].shape[0])
+    projector_dim = ema_state["projectors.0.0.weight"].shape[0] if z_dims else 2048
+    return z_dims, projector_dim
+
+
+def uninitialized(build, device, **kwargs):
+    """build(**kwargs) on device without weight init (seconds for big models): a strict load fills every tensor."""
+    with torch.device("meta"):
+        module = build(**kwargs)
+    return module.to_empty(device=device)
+
+
+def load_sit(config, ema_state, source, latent_size, in_channels, device):
+    """The SiT of the training args with the checkpoint's EMA weights, in eval mode (no label dropout)."""
+    z_dims, projector_dim = projector_shapes(ema_state)
+    model = uninitialized(
+        SiT_models[config["model"]],
+        device,
+        input_size=latent_size,
+        in_channels=in_channels,
+        num_classes=config["num_classes"],
+        class_dropout_prob=config["cfg_prob"],
+        z_dims=z_dims,
+        projector_dim=projector_dim,
+        encoder_depth=config["encoder_depth"],
+        bn_momentum=config["bn_momentum"],
+        qk_norm=config["qk_norm"],
+        fused_attn=config["fused_attn"],
+    )
+    load_state_dict_strict(model, ema_state, f"{source} [ema]")
+    return model.eval()
+
+
+def load_autoencoder(config, checkpoint, source, vae_ckpt, device):
+    """(VAE, latent statistics or None) where None means: use the SiT batch-norm's (REPA-E checkpoints)."""
+    arch = config["vae"]
+    if "vae" in checkpoint:
+        if vae_ckpt is not None:
+            return load_vae(arch, vae_ckpt, require_stats=False)[0], None
+        vae = uninitialized(vae_models[arch], device)
+        load_state_dict_strict(vae, checkpoint["vae"], f"{source} [vae]")
+        return vae, None
+    # latent-diffusion-only checkpoints were trained on a fixed VAE and its statistics file
+    vae_ckpt = vae_ckpt or config.get("vae_ckpt")
+    if not vae_ckpt:
+        raise SystemExit(f"{source} holds no VAE and the training args name no vae_ckpt: pass --vae-ckpt")
+    return load_vae(arch, vae_ckpt)
+
+
+class NullVelocity:
+    """Zero-velocity stand-in: a sampler run with it draws the same random numbers as a real run, at no cost."""
+
+    def __init__(self, num_classes):
+        self.num_classes = num_classes
+
+    def inference(self, x, t, y):
+        return torch.zeros_like(x)
+
+
+def to_uint8(images):
+    """Decoded images in [-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), truncating as published."""
+    images = torch.clamp(255.0 * (images + 1) / 2, 0, 255)
+    return images.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+def save_png(image, path):
+    """Write a PNG atomically, so an interrupted run never leaves a truncated file that looks finished."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def sample_pngs(args, model, vae, stats, folder, rank, world_size, seed, latent_shape):
+    """Sample this process's share as published: one seed, batch b's image i numbered i * world + rank + b * global."""
+    sampler = euler_maruyama_sampler if args.mode == "sde" else euler_sampler
+    null_model = NullVelocity(model.num_classes)
+    device = next(model.parameters()).device
+    n = args.pproc_batch_size
+    global_batch = n * world_size
+    iterations = math.ceil(args.num_fid_samples / global_batch)
+    if rank == 0:
+        print(f"Total number of images that will be sampled: {iterations * global_batch}")
+    torch.manual_seed(seed)
+    for batch in tqdm(range(iterations), disable=rank != 0):
+        z = torch.randn(n, *latent_shape, device=device)
+        y = torch.randint(0, model.num_classes, (n,), device=device)
+        paths = [folder / f"{i * world_size + rank + batch * global_batch:06d}.png" for i in range(n)]
+        done = all(path.is_file() for path in paths)
+        latents = sampler(model=null_model if done else model, latents=z, y=y, num_steps=args.num_steps,
+                          heun=args.heun, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+                          guidance_high=args.guidance_high, path_type=args.path_type)
+        if done:
+            continue
+        latents = denormalize_latents(latents.to(torch.float32), stats["latents_scale"], stats["latents_bias"])
+        for image, path in zip(to_uint8(vae.decode(latents)), paths):
+            save_png(image, path)
+
+
+def create_npz(folder, num):
+    """Pack folder/000000.png ... into folder.npz with arr_0 uint8 (num, H, W, 3), written atomically."""
+    with Image.open(folder / f"{0:06d}.png") as first:
+        shape = np.asarray(first).shape
+    samples = np.empty((num, *shape), dtype=np.uint8)
+    for i in tqdm(range(num), desc="Building .npz file from samples"):
+        with Image.open(folder / f"{i:06d}.png") as image:
+            samples[i] = np.asarray(image)
+    npz = folder.with_name(folder.name + ".npz")
+    tmp = npz.with_name(f".{npz.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, arr_0=samples)
+    os.replace(tmp, npz)
+    print(f"Saved .npz file to {npz} [shape={samples.shape}].")
+    return npz
+
+
+def run(args, rank, world_size, device):
+    """Sample (or finish sampling) and return the .npz path."""
+    ckpt_path, exp_name, step = resolve_checkpoint(args, rank)
+    folder = Path(f"{args.sample_dir}/{exp_name}_{step}_cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}")
+    status, detail = from_main_process(prepare_folder(folder, sampling_settings(args, world_size), ckpt_path)
+                                       if rank == 0 else None)
+    if status == "done":
+        if rank == 0:
+            print(f"Skipping sampling as {detail} already exists.")
+        return Path(detail)
+    if status == "error":
+        raise SystemExit(detail)
+
+    checkpoint = load_file(ckpt_path, map_location=device)  # as published: straight to the GPU
+    config = load_config(args, checkpoint, ckpt_path)
+    vae, stats = load_autoencoder(config, checkpoint, ckpt_path, args.vae_ckpt, device)
+    latent_size = config["resolution"] // vae.downsample_factor
+    model = load_sit(config, checkpoint["ema"], ckpt_path, latent_size, vae.latent_channels, device)
+    del checkpoint
+    stats = stats if stats is not None else model.extract_latents_stats()
+    stats = {key: value.to(device, torch.float32) for key, value in stats.items()}
+    model, vae = model.to(device), vae.to(device).eval()
+
+    seed = (args.global_seed + rank) * world_size // 2  # the published per-process seed
+    print(f"Starting rank={rank}, seed={seed}, world_size={world_size}; saving .png samples at {folder}")
+    sample_pngs(args, model, vae, stats, folder, rank, world_size, seed,
+                (vae.latent_channels, latent_size, latent_size))
+    if dist.is_initialized():
+        dist.barrier()  # every PNG is on disk before rank 0 packs them
+    npz = folder.with_name(folder.name + ".npz")
+    if rank == 0:
+        create_npz(folder, args.num_fid_samples)
+    return npz
+
+
+def main(argv=None):
+    """Entry point for torchrun or plain python."""
+    args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    rank, world_size, device = setup_distributed()
+    try:
+        return run(args, rank, world_size, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

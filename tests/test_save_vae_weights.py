@@ -1,0 +1,112 @@
+"""save_vae_weights.py: published outputs, statistics from the EMA batch-norm, overwrite guard, diffusers export."""
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import save_vae_weights
+from fixtures.fill import fill_
+from loss.discriminator import NLayerDiscriminator
+from models.autoencoder import vae_models
+from models.sit import SiT
+from utils.checkpoint import load_file, load_state_dict_strict
+from utils.latents import load_vae
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def repae_ckpt(tmp_path_factory):
+    """A REPA-E training checkpoint: full-size f8d4 VAE, tiny SiT (batch-norm with statistics), discriminator."""
+    torch.manual_seed(0)
+    vae = vae_models["f8d4"]()
+    sit = fill_(SiT(input_size=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10, z_dims=[16],
+                    projector_dim=32, encoder_depth=1))
+    checkpoint = {"model": sit.state_dict(), "ema": sit.state_dict(), "vae": vae.state_dict(),
+                  "discriminator": fill_(NLayerDiscriminator()).state_dict(),
+                  "args": argparse.Namespace(vae="f8d4", model="SiT-B/2"), "steps": 100}
+    path = tmp_path_factory.mktemp("repae") / "checkpoints" / "0000100.pt"
+    path.parent.mkdir()
+    torch.save(checkpoint, path)
+    return path, checkpoint, sit
+
+
+@pytest.mark.slow
+def test_published_command_line_outputs(repae_ckpt, tmp_path):
+    path, checkpoint, sit = repae_ckpt
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(REPO / "save_vae_weights.py"), "--repae-ckpt", str(path),
+                             "--vae-name", "e2e-tiny", "--save-dir", str(tmp_path / "exps")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "exps" / "e2e-tiny"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "e2e-tiny-discriminator-ckpt.pt", "e2e-tiny-latents-stats.pt", "e2e-tiny.pt"]
+
+    # the VAE file is the checkpoint's VAE and loads strictly, with its statistics beside it
+    vae_state = load_file(out / "e2e-tiny.pt")
+    assert vae_state.keys() == checkpoint["vae"].keys()
+    assert all(torch.equal(vae_state[k], checkpoint["vae"][k]) for k in vae_state)
+    vae, stats = load_vae("f8d4", out / "e2e-tiny.pt")
+
+    running_var, running_mean = checkpoint["ema"]["bn.running_var"], checkpoint["ema"]["bn.running_mean"]
+    assert set(stats) == {"latents_scale", "latents_bias"}
+    assert stats["latents_scale"].shape == stats["latents_bias"].shape == (1, 4, 1, 1)
+    torch.testing.assert_close(stats["latents_scale"].flatten(), running_var.rsqrt(), rtol=0, atol=0)
+    torch.testing.assert_close(stats["latents_bias"].flatten(), running_mean, rtol=0, atol=0)
+    # the same numbers as the sampler's view of the EMA model
+    for key, value in sit.extract_latents_stats().items():
+        torch.testing.assert_close(stats[key], value, rtol=0, atol=0)
+
+    load_state_dict_strict(NLayerDiscriminator(), load_file(out / "e2e-tiny-discriminator-ckpt.pt"), "discriminator")
+
+
+def test_refuses_to_overwrite(repae_ckpt, tmp_path):
+    path, checkpoint, _ = repae_ckpt
+    argv = ["--repae-ckpt", str(path), "--vae-name", "v", "--save-dir", str(tmp_path)]
+    stats_file = tmp_path / "v" / "v-latents-stats.pt"
+    stats_file.parent.mkdir()
+    stats_file.write_bytes(b"keep me")
+    with pytest.raises(SystemExit, match="refusing to overwrite .*v-latents-stats.pt"):
+        save_vae_weights.main(argv)
+    assert stats_file.read_bytes() == b"keep me" and not (tmp_path / "v" / "v.pt").exists()
+    outputs = save_vae_weights.main(argv + ["--overwrite"])
+    assert set(outputs) == {"vae", "latents_stats", "discriminator"}
+    assert torch.equal(load_file(stats_file)["latents_bias"].flatten(), checkpoint["ema"]["bn.running_mean"])
+    assert not list(tmp_path.glob("v/.*"))  # no temporary files left
+
+
+def test_rejects_checkpoints_without_vae(repae_ckpt, tmp_path):
+    _, checkpoint, _ = repae_ckpt
+    ldm = tmp_path / "ldm.pt"
+    torch.save({k: checkpoint[k] for k in ("model", "ema", "args", "steps")}, ldm)
+    with pytest.raises(SystemExit, match="no 'vae' entry"):
+        save_vae_weights.main(["--repae-ckpt", str(ldm), "--save-dir", str(tmp_path)])
+    bad = tmp_path / "bad.pt"
+    torch.save({**checkpoint, "vae": {"encoder.conv_in.weight": torch.zeros(1)}}, bad)
+    with pytest.raises(ValueError, match="fits none of the autoencoder layouts"):
+        save_vae_weights.main(["--repae-ckpt", str(bad), "--save-dir", str(tmp_path)])
+
+
+def test_diffusers_export(repae_ckpt, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    path, checkpoint, _ = repae_ckpt
+    outputs = save_vae_weights.main(["--repae-ckpt", str(path), "--vae-name", "e2e", "--save-dir", str(tmp_path),
+                                     "--diffusers"])
+    folder = tmp_path / "e2e" / "diffusers"
+    assert outputs["diffusers"] == folder
+    reference = diffusers.AutoencoderKL.from_pretrained(folder).eval()
+    ours, stats = load_vae("f8d4", folder)
+    stats_file = load_file(outputs["latents_stats"])
+    for key in ("latents_scale", "latents_bias"):
+        torch.testing.assert_close(stats[key].reshape(1, 4, 1, 1).float(), stats_file[key])
+    torch.testing.assert_close(torch.tensor(reference.config.latents_mean).float(),
+                               checkpoint["ema"]["bn.running_mean"])
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.decode(z).sample, ours.decode(z), rtol=1e-4, atol=1e-4)
+    assert not list((tmp_path / "e2e").glob(".*"))  # the temporary export folder was moved into place
