@@ -1,13 +1,27 @@
 """Distributed helpers that also work with gloo on CPU."""
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
-import torch.nn.functional as F
 
 
 def is_distributed():
     """True when a process group with more than one process is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of every process's input is the summed incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
@@ -22,9 +36,8 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
             return super().forward(x)
         dims = (0, 2, 3)
         count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float64)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims)]).to(torch.float64)
-        stats = dist_fn.all_reduce(stats)
-        count = dist_fn.all_reduce(count)
+        dist.all_reduce(count)
+        stats = _AllReduceSum.apply(torch.cat([x.sum(dims), (x * x).sum(dims)]).to(torch.float64))
         total_sum, total_sq = stats.chunk(2)
         mean = total_sum / count
         var = total_sq / count - mean * mean
@@ -35,7 +48,11 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
                 self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
                 self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
                 self.num_batches_tracked.add_(1)
-        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), self.weight, self.bias, False, 0.0, self.eps)
+        shape = (1, -1, 1, 1)
+        out = (x - mean.to(x.dtype).view(shape)) * torch.rsqrt(var.to(x.dtype).view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
 
 
 def convert_global_batchnorm(module):

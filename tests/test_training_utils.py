@@ -1,0 +1,138 @@
+"""Checkpoint I/O, the non-finite guard, EMA and the global batch-norm."""
+import argparse
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import save_file
+
+from models.sit import SiT
+from utils.checkpoint import atomic_save, list_checkpoints, load_file, load_state_dict_strict, prune_checkpoints
+from utils.distributed import GlobalBatchNorm2d, convert_global_batchnorm
+from utils.ema import update_ema
+from utils.guard import NonFiniteGuard
+
+
+def test_published_checkpoint_with_namespace_loads_weights_only(tmp_path):
+    path = tmp_path / "0000010.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(model="SiT-XL/2"), "steps": 10}, path)
+    loaded = load_file(path)
+    assert loaded["args"].model == "SiT-XL/2" and loaded["steps"] == 10
+
+
+def test_unsafe_pickles_are_refused_with_the_file_named(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"obj": socket.AF_INET}, path)  # an arbitrary class, not allow-listed
+    with pytest.raises(RuntimeError, match="evil.pt"):
+        load_file(path)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_file(tmp_path / "missing.pt")
+
+
+def test_safetensors_files_load(tmp_path):
+    save_file({"w": torch.arange(3.0)}, tmp_path / "w.safetensors")
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], torch.arange(3.0))
+
+
+def test_strict_load_error_names_file_keys_and_first_shape_mismatch():
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    state = module.state_dict()
+    state["0.weight"] = torch.zeros(4, 2)
+    state["extra"] = torch.zeros(1)
+    del state["1.bias"]
+    with pytest.raises(ValueError) as error:
+        load_state_dict_strict(module, state, "ckpt/vae.pt")
+    message = str(error.value)
+    assert "ckpt/vae.pt" in message and "1.bias" in message and "extra" in message
+    assert "0.weight: file has (4, 2), model expects (3, 2)" in message
+
+
+def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"a": torch.ones(1)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"a": Unpicklable()}, path)
+    assert torch.equal(load_file(path)["a"], torch.ones(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_prune_keeps_newest(tmp_path):
+    for step in (5, 10, 15):
+        atomic_save({}, tmp_path / "checkpoints" / f"{step:07d}.pt")
+    prune_checkpoints(tmp_path, 2)
+    assert list_checkpoints(tmp_path) == [10, 15]
+
+
+def test_guard_skips_then_stops_on_a_run():
+    guard = NonFiniteGuard(max_consecutive=2)
+    assert guard.is_finite("loss", torch.tensor(1.0), 2.0)
+    guard.end_step(1)
+    assert not guard.is_finite("loss", torch.tensor(float("nan")))
+    guard.end_step(2)
+    assert guard.is_finite("loss", torch.tensor(0.5))  # a good step resets the run
+    guard.end_step(3)
+    assert guard.consecutive == 0 and guard.skipped == 1
+    guard.is_finite("grad", float("inf"))
+    guard.end_step(4)
+    guard.is_finite("grad", float("inf"))
+    with pytest.raises(RuntimeError, match="2 consecutive steps"):
+        guard.end_step(5)
+
+
+def test_ema_averages_parameters_and_float_buffers():
+    model = SiT(input_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=2, z_dims=[8], projector_dim=16,
+                encoder_depth=1)
+    ema = SiT(input_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=2, z_dims=[8], projector_dim=16,
+              encoder_depth=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+        for p in ema.parameters():
+            p.fill_(0.0)
+        model.bn.running_mean.fill_(2.0)
+        model.bn.num_batches_tracked.fill_(7)
+    update_ema(ema, model, decay=0.75)
+    assert all(torch.allclose(p, torch.full_like(p, 0.25)) for p in ema.parameters())
+    assert torch.allclose(ema.bn.running_mean, torch.full((4,), 0.5))
+    assert ema.bn.num_batches_tracked == 7
+
+
+def _global_bn_worker(rank, world, port, x, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    bn = convert_global_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3, affine=False, momentum=0.1)))[0]
+    assert isinstance(bn, GlobalBatchNorm2d)
+    local = x.chunk(world)[rank].clone().requires_grad_(True)
+    out = bn(local)
+    (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+    result[rank] = (out.detach(), local.grad, bn.running_mean.clone(), bn.running_var.clone())
+    dist.destroy_process_group()
+
+
+def test_global_batchnorm_matches_batchnorm_on_the_whole_batch():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64).float()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    result = manager.dict()
+    mp.spawn(_global_bn_worker, args=(2, port, x, result), nprocs=2)
+
+    reference = torch.nn.BatchNorm2d(3, affine=False, momentum=0.1)
+    whole = x.clone().requires_grad_(True)
+    out = reference(whole)
+    weights = torch.cat([torch.arange(out.numel() // 2).reshape(2, 3, 5, 5)] * 2)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(torch.cat([result[0][0], result[1][0]]), out.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([result[0][1], result[1][1]]), whole.grad, atol=1e-4, rtol=1e-4)
+    for rank in (0, 1):
+        torch.testing.assert_close(result[rank][2], reference.running_mean)
+        torch.testing.assert_close(result[rank][3], reference.running_var)
