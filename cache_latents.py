@@ -59,7 +59,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vae-arch", type=str, default="f16d32", choices=list(vae_models))
     parser.add_argument("--vae-ckpt-path", type=str, default="pretrained/repae-invae-400k/repae-invae-400k.pt",
-                        help="NAME.pt state dict, .safetensors or a diffusers folder")
+                        help="NAME.pt state dict, .safetensors, a diffusers folder or a hub id (REPA-E/e2e-vavae)")
     parser.add_argument("--vae-latents-name", type=str, default="repae-invae-400k",
                         help="writes OUTPUT/NAME.h5 and OUTPUT/NAME_h5.json")
     parser.add_argument("--data-dir", type=str, default="data", help="folder holding images.h5")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from models.autoencoder import vae_models
 from models.sit import SiT_models
 from utils.checkpoint import checkpoint_file, list_checkpoints, load_file, load_state_dict_strict
+from utils.hub import resolve_weights
 from utils.latents import denormalize_latents, load_vae
 from utils.samplers import euler_maruyama_sampler, euler_sampler
 
@@ -49,10 +50,10 @@ def parse_args(argv=None):
     parser.add_argument("--train-steps", type=str, default=None,
                         help="checkpoint step to sample from (default: the newest in EXP/checkpoints)")
     parser.add_argument("--ckpt", type=str, default=None,
-                        help="checkpoint file to sample from; model settings come from --exp-path's args.json "
-                             "if given, else from the checkpoint's own args")
+                        help="checkpoint file (or hub id, e.g. REPA-E/sit-repae-sdvae) to sample from; model "
+                             "settings come from --exp-path's args.json if given, else from the checkpoint's own args")
     parser.add_argument("--vae-ckpt", type=str, default=None,
-                        help="decode with this VAE (NAME.pt, .safetensors or diffusers folder) instead of the "
+                        help="decode with this VAE (NAME.pt, .safetensors, diffusers folder or hub id) instead of the "
                              "checkpoint's (REPA-E) or args.json's vae_ckpt (latent diffusion only); REPA-E "
                              "checkpoints keep the latent statistics of their SiT batch-norm")
     parser.add_argument("--pproc-batch-size", type=int, default=256, help="images per process and batch")
@@ -101,11 +102,12 @@ def from_main_process(obj):
 def resolve_checkpoint(args, rank):
     """(checkpoint file, experiment name, 7-digit step) from --ckpt or --exp-path / --train-steps."""
     if args.ckpt is not None:
-        ckpt = Path(args.ckpt)
+        ckpt = resolve_weights(args.ckpt)
+        named = Path(args.ckpt)  # the name as given: a hub id names the run after its repo, not the cache folder
         if args.exp_path is not None:
             exp_name = os.path.basename(os.path.normpath(args.exp_path))
         else:
-            exp_name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.stem
+            exp_name = named.parent.parent.name if named.parent.name == "checkpoints" else named.stem
         step = args.train_steps if args.train_steps is not None else ckpt.stem
         return ckpt, exp_name, str(step).zfill(7)
     if args.exp_path is None:

@@ -16,13 +16,14 @@ import torch
 
 from models.autoencoder import vae_models
 from utils.checkpoint import atomic_save, describe_mismatch, load_file, load_state_dict_strict
+from utils.hub import resolve_weights
 
 
 def parse_args(argv=None):
     """Published flags plus --diffusers and --overwrite."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repae-ckpt", type=str, required=True,
-                        help="REPA-E training checkpoint (EXP/checkpoints/N.pt)")
+                        help="REPA-E training checkpoint (EXP/checkpoints/N.pt, or a hub id: REPA-E/sit-repae-vavae)")
     parser.add_argument("--vae-name", type=str, default="e2e-vae", help="name of the saved VAE")
     parser.add_argument("--save-dir", type=str, default="exps", help="outputs go to SAVE_DIR/VAE_NAME/")
     parser.add_argument("--diffusers", action="store_true", help="also export a diffusers AutoencoderKL folder")
@@ -64,7 +65,7 @@ def export_diffusers(vae_state, arch, stats, folder, source):
 def main(argv=None):
     """Write the outputs; return their paths by kind (vae, latents_stats, discriminator, diffusers)."""
     args = parse_args(argv)
-    checkpoint = load_file(args.repae_ckpt)
+    checkpoint = load_file(resolve_weights(args.repae_ckpt))
     for key in ("vae", "ema"):
         if key not in checkpoint:
             raise SystemExit(f"{args.repae_ckpt} has no '{key}' entry: it is not a REPA-E training checkpoint")

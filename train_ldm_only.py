@@ -23,7 +23,7 @@ from utils.ema import requires_grad, update_ema
 from utils.guard import NonFiniteGuard
 from utils.latents import load_vae
 from utils.training import (
-    encoder_features, latent_geometry, make_accelerator, make_dataloader, make_optimizer, reduce_logs,
+    encoder_features, latent_geometry, loss_line, make_accelerator, make_dataloader, make_optimizer, reduce_logs,
     restore_training_state, resolve_resume, sample_grid, save_training_state, setup_experiment, start_epoch, unwrap,
 )
 
@@ -120,7 +120,7 @@ def main(args):
 
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 path = save_training_state(exp_dir, args, accelerator, modules, optimizers, guard, state)
-                logger.info(f"Saved checkpoint to {path}")
+                logger.info(f"Saved checkpoint to {path}; {loss_line(global_step, logs)}")
             if global_step == 1 or global_step % args.sampling_steps == 0:
                 path = sample_grid(ema, vae, args, accelerator, exp_dir, global_step, latent_size, in_channels)
                 logger.info(f"Saved EMA sample grid to {path}")

@@ -19,13 +19,14 @@ from loss.vae_loss import ReconstructionLoss_Single_Stage
 from models.encoders import load_encoders
 from models.sit import SiT_models
 from utils.checkpoint import load_file, load_state_dict_strict
+from utils.hub import resolve_weights
 from utils.cli import add_training_args, validate_training_args
 from utils.data import ImageDataset
 from utils.ema import requires_grad, update_ema
 from utils.guard import NonFiniteGuard
 from utils.latents import estimate_latents_stats, load_vae, preprocess_imgs_vae
 from utils.training import (
-    encoder_features, latent_geometry, make_accelerator, make_dataloader, make_optimizer, reduce_logs,
+    encoder_features, latent_geometry, loss_line, make_accelerator, make_dataloader, make_optimizer, reduce_logs,
     restore_training_state, resolve_resume, sample_grid, save_training_state, setup_experiment, start_epoch,
     sync_batchnorm, unwrap,
 )
@@ -72,7 +73,8 @@ def main(args):
     vae_loss_fn = ReconstructionLoss_Single_Stage(
         OmegaConf.load(args.loss_cfg_path), pretrained_lpips=not args.lpips_random_init).to(device)
     if args.disc_pretrained_ckpt:
-        load_state_dict_strict(vae_loss_fn.discriminator, load_file(args.disc_pretrained_ckpt), args.disc_pretrained_ckpt)
+        disc_ckpt = resolve_weights(args.disc_pretrained_ckpt, kind="discriminator")
+        load_state_dict_strict(vae_loss_fn.discriminator, load_file(disc_ckpt), args.disc_pretrained_ckpt)
         logger.info(f"Loaded discriminator from {args.disc_pretrained_ckpt}")
     logger.info(f"SiT parameters: {sum(p.numel() for p in model.parameters()):,}; "
                 f"VAE parameters: {sum(p.numel() for p in vae.parameters()):,}")
@@ -197,7 +199,7 @@ def main(args):
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 path = save_training_state(exp_dir, args, accelerator, modules, optimizers, guard, state,
                                            extra={"vae_loss_buffers": loss_buffers(unwrap(vae_loss_fn))})
-                logger.info(f"Saved checkpoint to {path}")
+                logger.info(f"Saved checkpoint to {path}; {loss_line(global_step, logs)}")
             if global_step == 1 or global_step % args.sampling_steps == 0:
                 path = sample_grid(ema, unwrap(vae), args, accelerator, exp_dir, global_step, latent_size, in_channels)
                 logger.info(f"Saved EMA sample grid to {path}")
@@ -217,7 +219,8 @@ def parse_args(input_args=None):
                       vae_ckpt_default="pretrained/sdvae-f8d4/sdvae-f8d4.pt")
     parser.add_argument("--bn-momentum", type=float, default=0.1)
     parser.add_argument("--cfg-prob", type=float, default=0.1)
-    parser.add_argument("--disc-pretrained-ckpt", type=str, default=None)
+    parser.add_argument("--disc-pretrained-ckpt", type=str, default=None,
+                        help="discriminator weights: a path or a hub id (REPA-E/sdvae means its discriminator file)")
     parser.add_argument("--loss-cfg-path", type=str, default="configs/l1_lpips_kl_gan.yaml")
     parser.add_argument("--vae-learning-rate", type=float, default=1e-4)
     parser.add_argument("--disc-learning-rate", type=float, default=1e-4)

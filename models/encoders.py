@@ -6,7 +6,8 @@ dinov1-vit-b, clip-vit-L, mae-vit-l, jepa-vit-h. Every encoder is a timm VisionT
 16x16 token grid at 256 px (32x32 at 512 px); `encoder_patch_tokens` returns its patch tokens (B, T, D).
 
 Weights of each encoder are looked up, first hit wins:
-  1. the `ckpt` argument, else $REPAE_ENCODER_CKPT (comma-separated, one path per encoder);
+  1. the `ckpt` argument, else $REPAE_ENCODER_CKPT (comma-separated, one path or hub id per encoder, see
+     utils.hub.resolve_weights);
   2. $REPAE_ENCODER_CKPT_<NAME>: the encoder name upper-cased, "-" -> "_" (REPAE_ENCODER_CKPT_DINOV2_VIT_B);
   3. the file the published code reads: ckpts/<file> under the working directory (MoCo v3, DINOv1, MAE, I-JEPA),
      the torch.hub checkpoint cache (official DINOv2 / DINOv1 / MAE / I-JEPA files), ~/.cache/clip/ViT-L-14.pt (CLIP);
@@ -28,6 +29,7 @@ from timm.models import get_pretrained_cfg
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from utils.checkpoint import load_file, load_state_dict_strict
+from utils.hub import resolve_weights
 
 CLIP_DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -182,9 +184,10 @@ def find_weights(name, ckpt=None):
     variable = env_var_name(name)
     explicit = ckpt or os.environ.get(variable)
     if explicit:
-        if not Path(explicit).is_file():
+        path = resolve_weights(explicit)  # or a hub id: hf://timm/vit_base_patch14_dinov2.lvd142m/model.safetensors
+        if not path.is_file():
             raise FileNotFoundError(f"encoder {name}: weights file {explicit} does not exist")
-        return Path(explicit)
+        return path
     files, url = weight_locations(name)
     for path in files:
         if path.is_file():

@@ -53,10 +53,13 @@ def add_training_args(parser, model_default, vae_default, vae_ckpt_default):
     parser.add_argument("--weighting", type=str, default="uniform", choices=["uniform", "lognormal"])
     parser.add_argument("--vae", type=str, default=vae_default, choices=list(vae_models),
                         help="published layouts f8d4, f16d32; the -tiny ones are for smoke runs")
-    parser.add_argument("--vae-ckpt", type=str, default=vae_ckpt_default)
+    parser.add_argument("--vae-ckpt", type=str, default=vae_ckpt_default,
+                        help="NAME.pt (NAME-latents-stats.pt beside it), .safetensors, diffusers folder, or hub id "
+                             "(REPA-E/e2e-vavae, hf://OWNER/NAME/FILE) fetched through the Hugging Face cache")
 
     # Beyond the published flags: weights for offline machines, resume, guards, sample grids.
-    parser.add_argument("--enc-ckpt", type=str, default=None, help="local encoder weights (hub or timm format)")
+    parser.add_argument("--enc-ckpt", type=str, default=None,
+                        help="encoder weights (official or timm format): path or hub id")
     parser.add_argument("--enc-random-init", action="store_true",
                         help="random-weight encoders, for smoke runs only")
     parser.add_argument("--resume-latest", action="store_true",

@@ -6,6 +6,7 @@ import torch
 
 from models.autoencoder import vae_models
 from utils.checkpoint import load_file, load_state_dict_strict
+from utils.hub import resolve_weights
 
 NO_CHECKPOINT = ("", "none", "None")
 
@@ -27,7 +28,7 @@ def latents_stats_path(vae_ckpt):
 
 
 def load_vae(arch, vae_ckpt, require_stats=True):
-    """Build the autoencoder `arch` from vae_ckpt (NAME.pt, .safetensors or a diffusers folder).
+    """Build the autoencoder `arch` from vae_ckpt (NAME.pt, .safetensors, a diffusers folder or a hub id).
 
     Returns (vae, latents_stats) where latents_stats is {"latents_scale", "latents_bias"} or None.
     vae_ckpt 'none' gives a randomly initialised VAE without statistics (smoke runs only).
@@ -35,7 +36,7 @@ def load_vae(arch, vae_ckpt, require_stats=True):
     if vae_ckpt in NO_CHECKPOINT or vae_ckpt is None:
         warnings.warn("no VAE checkpoint given: using a randomly initialised VAE (smoke runs only)")
         return vae_models[arch](), None
-    path = Path(vae_ckpt)
+    path = resolve_weights(vae_ckpt, kind="vae")
     if path.is_dir():
         from utils.diffusers_vae import load_diffusers_vae_folder
         vae, folder_arch, stats = load_diffusers_vae_folder(path)

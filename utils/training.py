@@ -129,6 +129,11 @@ def reduce_logs(logs, accelerator):
     return dict(zip(names, values.tolist()))
 
 
+def loss_line(step, logs, keys=("sit_loss", "denoising_loss", "proj_loss", "vae_loss", "vae_align_loss", "d_loss")):
+    """One log line with the main losses of a step."""
+    return f"step {step}: " + ", ".join(f"{k}={logs[k]:.4f}" for k in keys if k in logs)
+
+
 def save_training_state(exp_dir, args, accelerator, modules, optimizers, guard, data_state, extra=None):
     """Write EXP/checkpoints/%07d.pt in the published layout plus what an exact resume needs; all processes call it.
 
