@@ -15,16 +15,15 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from models.encoders import load_encoders
-from models.sit import SiT_models
 from utils.cli import add_training_args, validate_training_args
 from utils.data import ImageLatentDataset
 from utils.ema import requires_grad, update_ema
 from utils.guard import NonFiniteGuard
 from utils.latents import load_vae
 from utils.training import (
-    encoder_features, latent_geometry, loss_line, make_accelerator, make_dataloader, make_optimizer, reduce_logs,
-    restore_training_state, resolve_resume, sample_grid, save_training_state, setup_experiment, start_epoch, unwrap,
+    build_encoders_and_sit, checkpoint_and_sample, encoder_features, guarded_update, make_accelerator,
+    make_dataloader, make_optimizer, reduce_logs, resolve_resume, restore_training_state, setup_experiment,
+    start_epoch, unwrap,
 )
 
 
@@ -42,15 +41,7 @@ def main(args):
     resume_path = resolve_resume(args, exp_dir)
 
     set_seed(args.seed)
-    latent_size, in_channels = latent_geometry(args.vae, args.resolution)
-    encoders, encoder_types, _ = load_encoders(
-        args.enc_type, device, args.resolution, ckpt=args.enc_ckpt, random_init=args.enc_random_init)
-    model = SiT_models[args.model](
-        input_size=latent_size, in_channels=in_channels, num_classes=args.num_classes,
-        class_dropout_prob=args.cfg_prob, z_dims=[encoder.embed_dim for encoder in encoders],
-        encoder_depth=args.encoder_depth, bn_momentum=args.bn_momentum,
-        qk_norm=args.qk_norm, fused_attn=args.fused_attn,
-    ).to(device)
+    encoders, encoder_types, model = build_encoders_and_sit(args, device)
     vae, latents_stats = load_vae(args.vae, args.vae_ckpt)
     vae = vae.to(device).eval()
     requires_grad(vae, False)
@@ -97,11 +88,8 @@ def main(args):
             with accelerator.accumulate(model), accelerator.autocast():
                 sit_outputs = model(x=sample_posterior(moments), y=labels, zs=zs, loss_kwargs=loss_kwargs)
                 sit_loss = sit_outputs["denoising_loss"].mean() + args.proj_coeff * sit_outputs["proj_loss"].mean()
-                accelerator.backward(sit_loss)
-                grad_norm_sit = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if guard.is_finite("SiT loss/gradient", sit_loss, grad_norm_sit) or accelerator.scaler:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm_sit = guarded_update(accelerator, sit_loss, model.parameters(), optimizer, guard,
+                                               "SiT loss/gradient", args.max_grad_norm)
 
             if not accelerator.sync_gradients:
                 continue
@@ -118,12 +106,8 @@ def main(args):
             progress_bar.set_postfix(sit=f"{logs['sit_loss']:.4f}", proj=f"{logs['proj_loss']:.4f}")
             accelerator.log(logs, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                path = save_training_state(exp_dir, args, accelerator, modules, optimizers, guard, state)
-                logger.info(f"Saved checkpoint to {path}; {loss_line(global_step, logs)}")
-            if global_step == 1 or global_step % args.sampling_steps == 0:
-                path = sample_grid(ema, vae, args, accelerator, exp_dir, global_step, latent_size, in_channels)
-                logger.info(f"Saved EMA sample grid to {path}")
+            checkpoint_and_sample(global_step, logs, state, args=args, accelerator=accelerator, exp_dir=exp_dir,
+                                  logger=logger, modules=modules, optimizers=optimizers, guard=guard, vae=vae)
         if global_step >= args.max_train_steps:
             break
 

@@ -16,8 +16,6 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from loss.vae_loss import ReconstructionLoss_Single_Stage
-from models.encoders import load_encoders
-from models.sit import SiT_models
 from utils.checkpoint import load_file, load_state_dict_strict
 from utils.hub import resolve_weights
 from utils.cli import add_training_args, validate_training_args
@@ -26,9 +24,9 @@ from utils.ema import requires_grad, update_ema
 from utils.guard import NonFiniteGuard
 from utils.latents import estimate_latents_stats, load_vae, preprocess_imgs_vae
 from utils.training import (
-    encoder_features, latent_geometry, loss_line, make_accelerator, make_dataloader, make_optimizer, reduce_logs,
-    restore_training_state, resolve_resume, sample_grid, save_training_state, setup_experiment, start_epoch,
-    sync_batchnorm, unwrap,
+    build_encoders_and_sit, checkpoint_and_sample, encoder_features, guarded_update, make_accelerator,
+    make_dataloader, make_optimizer, reduce_logs, resolve_resume, restore_training_state, setup_experiment,
+    start_epoch, sync_batchnorm, unwrap,
 )
 
 
@@ -56,15 +54,7 @@ def main(args):
 
     # Models are built from the same seed on every process; each process then gets its own random stream.
     set_seed(args.seed)
-    latent_size, in_channels = latent_geometry(args.vae, args.resolution)
-    encoders, encoder_types, _ = load_encoders(
-        args.enc_type, device, args.resolution, ckpt=args.enc_ckpt, random_init=args.enc_random_init)
-    model = SiT_models[args.model](
-        input_size=latent_size, in_channels=in_channels, num_classes=args.num_classes,
-        class_dropout_prob=args.cfg_prob, z_dims=[encoder.embed_dim for encoder in encoders],
-        encoder_depth=args.encoder_depth, bn_momentum=args.bn_momentum,
-        qk_norm=args.qk_norm, fused_attn=args.fused_attn,
-    ).to(device)
+    encoders, encoder_types, model = build_encoders_and_sit(args, device)
     vae, latents_stats = load_vae(args.vae, args.vae_ckpt, require_stats=False)
     vae = vae.to(device)
     if latents_stats is not None:
@@ -145,19 +135,13 @@ def main(args):
                     vae_loss = vae_loss.mean() + args.vae_align_proj_coeff * vae_align["proj_loss"].mean()
                     if args.diffusion_loss_to_vae:
                         vae_loss = vae_loss + vae_align["denoising_loss"].mean()
-                    accelerator.backward(vae_loss)
-                    grad_norm_vae = accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
-                    if guard.is_finite("VAE loss/gradient", vae_loss, grad_norm_vae) or accelerator.scaler:
-                        optimizer_vae.step()
-                    optimizer_vae.zero_grad(set_to_none=True)
+                    grad_norm_vae = guarded_update(accelerator, vae_loss, vae.parameters(), optimizer_vae, guard,
+                                                   "VAE loss/gradient", args.max_grad_norm)
 
                     # 3) Discriminator step on real images and detached reconstructions.
                     d_loss, d_loss_dict = vae_loss_fn(processed_image, recon_image, posterior, global_step, "discriminator")
-                    accelerator.backward(d_loss)
-                    grad_norm_disc = accelerator.clip_grad_norm_(vae_loss_fn.parameters(), args.max_grad_norm)
-                    if guard.is_finite("discriminator loss/gradient", d_loss, grad_norm_disc) or accelerator.scaler:
-                        optimizer_loss_fn.step()
-                    optimizer_loss_fn.zero_grad(set_to_none=True)
+                    grad_norm_disc = guarded_update(accelerator, d_loss, vae_loss_fn.parameters(), optimizer_loss_fn,
+                                                    guard, "discriminator loss/gradient", args.max_grad_norm)
 
                 # 4) SiT step on the detached latent with the same time and noise; batch-norm in training mode.
                 requires_grad(model, True)
@@ -165,11 +149,8 @@ def main(args):
                 sit_outputs = model(x=z.detach(), y=labels, zs=zs, loss_kwargs=loss_kwargs,
                                     time_input=vae_align["time_input"], noises=vae_align["noises"])
                 sit_loss = sit_outputs["denoising_loss"].mean() + args.proj_coeff * sit_outputs["proj_loss"].mean()
-                accelerator.backward(sit_loss)
-                grad_norm_sit = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if guard.is_finite("SiT loss/gradient", sit_loss, grad_norm_sit) or accelerator.scaler:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm_sit = guarded_update(accelerator, sit_loss, model.parameters(), optimizer, guard,
+                                               "SiT loss/gradient", args.max_grad_norm)
 
             if not accelerator.sync_gradients:
                 continue
@@ -196,13 +177,9 @@ def main(args):
                                      vae=f"{logs.get('vae_loss', 0.0):.4f}")
             accelerator.log(logs, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                path = save_training_state(exp_dir, args, accelerator, modules, optimizers, guard, state,
-                                           extra={"vae_loss_buffers": loss_buffers(unwrap(vae_loss_fn))})
-                logger.info(f"Saved checkpoint to {path}; {loss_line(global_step, logs)}")
-            if global_step == 1 or global_step % args.sampling_steps == 0:
-                path = sample_grid(ema, unwrap(vae), args, accelerator, exp_dir, global_step, latent_size, in_channels)
-                logger.info(f"Saved EMA sample grid to {path}")
+            checkpoint_and_sample(global_step, logs, state, args=args, accelerator=accelerator, exp_dir=exp_dir,
+                                  logger=logger, modules=modules, optimizers=optimizers, guard=guard, vae=unwrap(vae),
+                                  extra={"vae_loss_buffers": loss_buffers(unwrap(vae_loss_fn))})
         if global_step >= args.max_train_steps:
             break
 

@@ -150,3 +150,12 @@ def test_ablation_switches(data_dir, tmp_path):
     train(data_dir, tmp_path, "frozen1", "--freeze-vae", **{"--max-train-steps": 1, "--checkpointing-steps": 1})
     frozen1 = load_file(tmp_path / "frozen1" / "checkpoints" / "0000001.pt")
     assert_same_state(frozen1["vae"], frozen["vae"], "vae")
+
+
+def test_gradient_accumulation_counts_optimization_steps(data_dir, tmp_path):
+    train(data_dir, tmp_path, "accum", **{"--gradient-accumulation-steps": 2, "--max-train-steps": 2,
+                                          "--batch-size": 4})
+    ckpt = load_file(tmp_path / "accum" / "checkpoints" / "0000002.pt")
+    # 2 optimization steps of 2 micro-batches each: the data position is 4 micro-batches into epoch 0.
+    assert ckpt["steps"] == 2 and ckpt["data"] == {"epoch": 0, "batch_in_epoch": 4}
+    assert ckpt["opt"]["state"][0]["step"] == 2 and ckpt["opt_vae"]["state"][0]["step"] == 2

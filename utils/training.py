@@ -9,7 +9,8 @@ from accelerate.utils import ProjectConfiguration, extract_model_from_parallel
 from torch.utils.data import DataLoader
 
 from models.autoencoder import vae_geometry
-from models.encoders import encoder_patch_tokens, preprocess_raw_image
+from models.encoders import encoder_patch_tokens, load_encoders, preprocess_raw_image
+from models.sit import SiT_models
 from utils.checkpoint import (
     assert_finite, atomic_save, capture_rng_state, checkpoint_file, list_checkpoints, load_file,
     load_state_dict_strict, prune_checkpoints, restore_rng_state,
@@ -75,6 +76,20 @@ def latent_geometry(vae, resolution):
     return resolution // factor, channels
 
 
+def build_encoders_and_sit(args, device):
+    """The frozen encoders and a SiT with one projector per encoder, sized for the run's latents."""
+    latent_size, in_channels = latent_geometry(args.vae, args.resolution)
+    encoders, encoder_types, _ = load_encoders(
+        args.enc_type, device, args.resolution, ckpt=args.enc_ckpt, random_init=args.enc_random_init)
+    model = SiT_models[args.model](
+        input_size=latent_size, in_channels=in_channels, num_classes=args.num_classes,
+        class_dropout_prob=args.cfg_prob, z_dims=[encoder.embed_dim for encoder in encoders],
+        encoder_depth=args.encoder_depth, bn_momentum=args.bn_momentum,
+        qk_norm=args.qk_norm, fused_attn=args.fused_attn,
+    ).to(device)
+    return encoders, encoder_types, model
+
+
 def make_optimizer(params, lr, args):
     """AdamW with the run's betas, epsilon and weight decay."""
     return torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
@@ -118,6 +133,22 @@ def encoder_features(encoders, encoder_types, raw_image, accelerator):
     with accelerator.autocast():
         return [encoder_patch_tokens(encoder, enc_type, preprocess_raw_image(raw_image, enc_type))
                 for encoder, enc_type in zip(encoders, encoder_types)]
+
+
+def guarded_update(accelerator, loss, parameters, optimizer, guard, name, max_grad_norm):
+    """Backward; on an optimization step, clip and step unless the loss or gradient norm is non-finite.
+
+    Returns the gradient norm (None while accumulating). Under fp16 the gradient scaler skips non-finite steps
+    itself (and lowers its scale), so the optimizer is always called then.
+    """
+    accelerator.backward(loss)
+    if not accelerator.sync_gradients:
+        return None
+    grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    if guard.is_finite(name, loss, grad_norm) or accelerator.scaler is not None:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def reduce_logs(logs, accelerator):
@@ -184,8 +215,9 @@ def restore_training_state(path, accelerator, modules, optimizers, guard):
 
 
 @torch.no_grad()
-def sample_grid(ema, vae, args, accelerator, exp_dir, step, latent_size, in_channels):
+def sample_grid(ema, vae, args, accelerator, exp_dir, step):
     """EMA samples of fixed labels and noise (Euler, 50 steps, CFG 4.0), decoded and saved as EXP/samples/%07d.png."""
+    latent_size, in_channels = latent_geometry(args.vae, args.resolution)
     generator = torch.Generator().manual_seed(args.seed)
     n = args.sample_batch_size
     ys = torch.randint(args.num_classes, (n,), generator=generator)
@@ -206,3 +238,15 @@ def sample_grid(ema, vae, args, accelerator, exp_dir, step, latent_size, in_chan
         save_sample_grid(accelerator, images, path, step)
     accelerator.wait_for_everyone()
     return path
+
+
+def checkpoint_and_sample(step, logs, data_state, *, args, accelerator, exp_dir, logger, modules, optimizers, guard,
+                          vae, extra=None):
+    """A checkpoint every --checkpointing-steps and at the last step; an EMA sample grid at step 1 and every
+    --sampling-steps. All processes call it."""
+    if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+        path = save_training_state(exp_dir, args, accelerator, modules, optimizers, guard, data_state, extra)
+        logger.info(f"Saved checkpoint to {path}; {loss_line(step, logs)}")
+    if step == 1 or step % args.sampling_steps == 0:
+        path = sample_grid(modules["ema"], vae, args, accelerator, exp_dir, step)
+        logger.info(f"Saved EMA sample grid to {path}")
