@@ -108,6 +108,10 @@ def main(args):
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     loss_kwargs = dict(path_type=args.path_type, prediction=args.prediction, weighting=args.weighting)
+    # Frozen for the VAE step and trainable again after it. Unlike the published code, which turns every SiT
+    # parameter back on, the fixed sin-cos position embedding stays fixed (it drifted, unsynchronised across
+    # processes, in the published runs).
+    sit_trainable = [param for param in model.parameters() if param.requires_grad]
 
     for epoch in range(state["epoch"], args.epochs):
         start_batch = start_epoch(sampler, dataloader, epoch, state)
@@ -124,7 +128,7 @@ def main(args):
                     posterior, z, recon_image = vae(processed_image)
 
                 # 2) VAE step: regularizer + REPA alignment through the frozen SiT (running batch-norm statistics).
-                requires_grad(model, False)
+                requires_grad(sit_trainable, False)
                 model.eval()
                 if args.freeze_vae:
                     vae_align = model(x=z, y=labels, zs=zs, loss_kwargs=loss_kwargs, align_only=True)
@@ -144,7 +148,7 @@ def main(args):
                                                     guard, "discriminator loss/gradient", args.max_grad_norm)
 
                 # 4) SiT step on the detached latent with the same time and noise; batch-norm in training mode.
-                requires_grad(model, True)
+                requires_grad(sit_trainable, True)
                 model.train()
                 sit_outputs = model(x=z.detach(), y=labels, zs=zs, loss_kwargs=loss_kwargs,
                                     time_input=vae_align["time_input"], noises=vae_align["noises"])

@@ -1,7 +1,6 @@
 """generate.py: published folder name, seeds and numbering; restart; REPA-E and LDM-only checkpoints; flags."""
 import argparse
 import copy
-import functools
 import json
 import os
 import subprocess
@@ -16,22 +15,16 @@ from PIL import Image
 import generate
 from fixtures.fill import fill_
 from models.autoencoder import vae_models
-from models.sit import SiT, SiT_models
+from models.sit import SiT_models
 from utils.latents import denormalize_latents
 from utils.samplers import euler_maruyama_sampler, euler_sampler
 
 REPO = Path(__file__).resolve().parents[1]
-# A tiny SiT registered under its own name: generate.py builds models by name, as published.
+# The smoke-size SiT of the registry: generate.py builds models by name, as published.
 TINY_NAME = "SiT-T/2"
-TINY = functools.partial(SiT, patch_size=2, hidden_size=32, depth=2, num_heads=2)
 NUM_CLASSES = 10
 RESOLUTION = 32  # full-size f8d4 VAE on 4x4 latents: fast enough on CPU
 STEP = 100
-
-
-@pytest.fixture(autouse=True)
-def _tiny_model_registered(monkeypatch):
-    monkeypatch.setitem(SiT_models, TINY_NAME, TINY)
 
 
 def training_args(vae_ckpt):
@@ -43,8 +36,8 @@ def training_args(vae_ckpt):
 
 def tiny_sit():
     """EMA SiT with deterministic non-trivial weights; its batch-norm holds latent statistics."""
-    model = TINY(input_size=RESOLUTION // 8, in_channels=4, num_classes=NUM_CLASSES, z_dims=[16], projector_dim=32,
-                 encoder_depth=1)
+    model = SiT_models[TINY_NAME](input_size=RESOLUTION // 8, in_channels=4, num_classes=NUM_CLASSES, z_dims=[16],
+                                  projector_dim=32, encoder_depth=1)
     return fill_(model).eval()
 
 
@@ -208,14 +201,6 @@ def test_ldm_only_checkpoint_without_vae_file(setup, tmp_path):
                        "--num-fid-samples", "1", "--pproc-batch-size", "1", "--num-steps", "1"])
 
 
-TORCHRUN_SCRIPT = """\
-import functools, sys
-sys.path.insert(0, {repo!r})
-from models.sit import SiT, SiT_models
-SiT_models[{name!r}] = functools.partial(SiT, patch_size=2, hidden_size=32, depth=2, num_heads=2)
-import generate
-generate.main(sys.argv[1:])
-"""
 
 
 def torchrun(script, argv, tmp_path):
@@ -233,8 +218,7 @@ def png_bytes(folder):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_published_layout_and_restart(setup, tmp_path):
-    script = tmp_path / "run_generate.py"
-    script.write_text(TORCHRUN_SCRIPT.format(repo=str(REPO), name=TINY_NAME))
+    script = REPO / "generate.py"
     argv = ["--exp-path", str(setup["repae"]), "--train-steps", str(STEP), "--global-seed", "3",
             "--pproc-batch-size", "2", "--num-fid-samples", "6", "--num-steps", "3", "--mode", "sde",
             "--cfg-scale", "2.0", "--guidance-low", "0.2", "--guidance-high", "0.8", "--sample-dir", "samples"]

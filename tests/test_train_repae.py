@@ -43,6 +43,11 @@ def assert_same_state(a, b, where=""):
         assert a == b, where
 
 
+def first_state(optimizer_state):
+    """The state of the first parameter an optimizer holds state for."""
+    return next(iter(optimizer_state["state"].values()))
+
+
 def test_short_run_writes_published_layout(data_dir, tmp_path):
     result = train(data_dir, tmp_path, "run", **{"--sampling-steps": 2})
     exp = tmp_path / "run"
@@ -58,6 +63,7 @@ def test_short_run_writes_published_layout(data_dir, tmp_path):
     assert {"model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "args", "steps"} <= ckpt.keys()
     assert ckpt["steps"] == 4 and ckpt["args"].model == "SiT-T/2"
     sit = SiT_models["SiT-T/2"](input_size=4, in_channels=4, num_classes=2, z_dims=[384], encoder_depth=2)
+    assert torch.equal(ckpt["model"]["pos_embed"], sit.pos_embed)  # the sin-cos embedding stays fixed
     sit.load_state_dict(ckpt["ema"], strict=True)
     sit.load_state_dict(ckpt["model"], strict=True)
     vae_models["f8d4-tiny"]().load_state_dict(ckpt["vae"], strict=True)
@@ -158,4 +164,29 @@ def test_gradient_accumulation_counts_optimization_steps(data_dir, tmp_path):
     ckpt = load_file(tmp_path / "accum" / "checkpoints" / "0000002.pt")
     # 2 optimization steps of 2 micro-batches each: the data position is 4 micro-batches into epoch 0.
     assert ckpt["steps"] == 2 and ckpt["data"] == {"epoch": 0, "batch_in_epoch": 4}
-    assert ckpt["opt"]["state"][0]["step"] == 2 and ckpt["opt_vae"]["state"][0]["step"] == 2
+    assert first_state(ckpt["opt"])["step"] == 2 and first_state(ckpt["opt_vae"])["step"] == 2
+
+
+def test_two_process_resume_is_exact(data_dir, tmp_path):
+    flags = {"--max-train-steps": 4, "--checkpointing-steps": 2}
+    train(data_dir, tmp_path, "straight", nproc=2, **flags)
+    train(data_dir, tmp_path, "stopped", nproc=2, **{**flags, "--max-train-steps": 2})
+    train(data_dir, tmp_path, "stopped", "--resume-latest", nproc=2, **flags)
+    straight = load_file(tmp_path / "straight" / "checkpoints" / "0000004.pt")
+    again = load_file(tmp_path / "stopped" / "checkpoints" / "0000004.pt")
+    for key in ("model", "ema", "vae", "discriminator", "opt", "rng"):
+        assert_same_state(straight[key], again[key], key)
+
+
+def test_resume_from_a_published_checkpoint(data_dir, tmp_path):
+    train(data_dir, tmp_path, "ours", **{"--max-train-steps": 2})
+    ours = load_file(tmp_path / "ours" / "checkpoints" / "0000002.pt")
+    published_keys = ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "args", "steps")
+    published = tmp_path / "published" / "checkpoints" / "0000002.pt"
+    published.parent.mkdir(parents=True)
+    torch.save({key: ours[key] for key in published_keys}, published)
+    result = train(data_dir, tmp_path, "continued", **{"--max-train-steps": 3, "--resume-step": 2,
+                                                       "--continue-train-exp-dir": tmp_path / "published"})
+    assert "holds no random state" in result.stderr
+    resumed = load_file(tmp_path / "continued" / "checkpoints" / "0000003.pt")
+    assert resumed["steps"] == 3 and first_state(resumed["opt"])["step"] == 3

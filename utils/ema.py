@@ -16,7 +16,7 @@ def update_ema(ema_model, model, decay=0.9999):
             ema_buffers[name].copy_(buffer)
 
 
-def requires_grad(model, flag=True):
-    """Set requires_grad on every parameter of model."""
-    for param in model.parameters():
+def requires_grad(params, flag=True):
+    """Set requires_grad on a module's parameters, or on an iterable of parameters."""
+    for param in params.parameters() if isinstance(params, torch.nn.Module) else params:
         param.requires_grad_(flag)
