@@ -1,9 +1,14 @@
 """REPA representation-alignment loss."""
-import torch.nn.functional as F
 
 
-def repa_loss(zs_tilde, zs):
-    """Negative cosine similarity of projected SiT tokens and encoder tokens, mean over tokens, samples, encoders."""
-    losses = [-(F.normalize(z_tilde, dim=-1) * F.normalize(z, dim=-1)).sum(dim=-1).mean()
-              for z_tilde, z in zip(zs_tilde, zs, strict=True)]
+def repa_loss(zs_tilde, zs, eps=1e-12):
+    """Negative cosine similarity of projected SiT tokens and encoder tokens, mean over tokens, samples, encoders.
+
+    One batched expression per encoder (the published code loops over samples); the cosine is formed from the dot
+    product and the norms, so no normalized copies of the (B, T, D) features are materialized.
+    """
+    losses = []
+    for z_tilde, z in zip(zs_tilde, zs, strict=True):
+        norms = z_tilde.norm(dim=-1).clamp_min(eps) * z.norm(dim=-1).clamp_min(eps)
+        losses.append(-((z_tilde * z).sum(dim=-1) / norms).mean())
     return sum(losses) / len(losses)
