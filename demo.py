@@ -93,7 +93,8 @@ def main(argv=None):
     common = ["--resolution", cfg["resolution"], "--model", "SiT-T/2", "--vae", "f8d4-tiny",
               "--enc-type", "dinov2-vit-s", "--enc-random-init", "--encoder-depth", 2, "--num-classes", len(PHOTOS),
               "--batch-size", cfg["batch"], "--report-to", "none", "--mixed-precision", "no", "--no-compile",
-              "--num-workers", 0, "--sample-batch-size", 16, "--output-dir", exps, "--data-dir", data]
+              "--num-workers", 0, "--sample-batch-size", 16, "--ema-decay", 0.99, "--output-dir", exps,
+              "--data-dir", data]
     repae_steps = cfg["repae_steps"]
     run("train_repae (end-to-end SiT + VAE)", "train_repae.py", "--exp-name", "repae-demo", *common,
         "--vae-ckpt", "none", "--lpips-random-init", "--max-train-steps", repae_steps,

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from models.autoencoder import vae_models
 from models.sit import SiT_models
 from utils.checkpoint import checkpoint_file, list_checkpoints, load_file, load_state_dict_strict
+from utils.distributed import from_main_process
 from utils.hub import resolve_weights
 from utils.latents import denormalize_latents, load_vae
 from utils.samplers import euler_maruyama_sampler, euler_sampler
@@ -88,15 +89,6 @@ def setup_distributed():
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def from_main_process(obj):
-    """obj as rank 0 has it, on every process."""
-    if not dist.is_initialized():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def resolve_checkpoint(args, rank):

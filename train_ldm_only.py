@@ -21,8 +21,8 @@ from utils.ema import requires_grad, update_ema
 from utils.guard import NonFiniteGuard
 from utils.latents import load_vae
 from utils.training import (
-    build_encoders_and_sit, checkpoint_and_sample, encoder_features, guarded_update, make_accelerator,
-    make_dataloader, make_optimizer, reduce_logs, resolve_resume, restore_training_state, setup_experiment,
+    build_encoders_and_sit, checkpoint_and_sample, compile_modules, encoder_features, guarded_update,
+    make_accelerator, make_dataloader, make_optimizer, reduce_logs, restore_training_state, setup_experiment,
     start_epoch, unwrap,
 )
 
@@ -36,9 +36,8 @@ def sample_posterior(moments):
 def main(args):
     """Train a SiT with REPA on cached latents."""
     accelerator = make_accelerator(args)
-    exp_dir, logger = setup_experiment(args, accelerator)
+    exp_dir, logger, resume_path = setup_experiment(args, accelerator)
     device = accelerator.device
-    resume_path = resolve_resume(args, exp_dir)
 
     set_seed(args.seed)
     encoders, encoder_types, model = build_encoders_and_sit(args, device)
@@ -46,6 +45,8 @@ def main(args):
     vae = vae.to(device).eval()
     requires_grad(vae, False)
     model.init_bn(latents_stats["latents_scale"].to(device), latents_stats["latents_bias"].to(device))
+    ema = copy.deepcopy(model).eval()
+    requires_grad(ema, False)
     logger.info(f"SiT parameters: {sum(p.numel() for p in model.parameters()):,}")
 
     optimizer = make_optimizer(model.parameters(), args.learning_rate, args)
@@ -54,10 +55,8 @@ def main(args):
     logger.info(f"Dataset contains {len(dataset):,} images with latents {args.vae_latents_name} ({args.data_dir})")
 
     if args.compile:
-        model = torch.compile(model)
+        (model,) = compile_modules(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = copy.deepcopy(unwrap(model)).eval()
-    requires_grad(ema, False)
 
     modules = {"model": unwrap(model), "ema": ema}
     optimizers = {"opt": optimizer}
@@ -65,7 +64,8 @@ def main(args):
     state = {"steps": 0, "epoch": 0, "batch_in_epoch": 0}
     set_seed(args.seed + accelerator.process_index)
     if resume_path is not None:
-        state, _ = restore_training_state(resume_path, accelerator, modules, optimizers, guard)
+        state, _ = restore_training_state(resume_path, args, accelerator, modules, optimizers, guard,
+                                          len(dataloader))
         logger.info(f"Resumed from {resume_path} at step {state['steps']}")
     global_step = state["steps"]
 
@@ -93,7 +93,7 @@ def main(args):
 
             if not accelerator.sync_gradients:
                 continue
-            update_ema(ema, unwrap(model))
+            update_ema(ema, unwrap(model), args.ema_decay)
             global_step += 1
             state = {"steps": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}
             guard.end_step(global_step)

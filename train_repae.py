@@ -24,8 +24,8 @@ from utils.ema import requires_grad, update_ema
 from utils.guard import NonFiniteGuard
 from utils.latents import estimate_latents_stats, load_vae, preprocess_imgs_vae
 from utils.training import (
-    build_encoders_and_sit, checkpoint_and_sample, encoder_features, guarded_update, make_accelerator,
-    make_dataloader, make_optimizer, reduce_logs, resolve_resume, restore_training_state, setup_experiment,
+    build_encoders_and_sit, checkpoint_and_sample, compile_modules, encoder_features, guarded_update,
+    make_accelerator, make_dataloader, make_optimizer, reduce_logs, restore_training_state, setup_experiment,
     start_epoch, sync_batchnorm, unwrap,
 )
 
@@ -48,18 +48,14 @@ def loss_buffers(vae_loss_fn):
 def main(args):
     """Train SiT and VAE end to end with the published recipe."""
     accelerator = make_accelerator(args)
-    exp_dir, logger = setup_experiment(args, accelerator)
+    exp_dir, logger, resume_path = setup_experiment(args, accelerator)
     device = accelerator.device
-    resume_path = resolve_resume(args, exp_dir)
 
     # Models are built from the same seed on every process; each process then gets its own random stream.
     set_seed(args.seed)
     encoders, encoder_types, model = build_encoders_and_sit(args, device)
     vae, latents_stats = load_vae(args.vae, args.vae_ckpt, require_stats=False)
     vae = vae.to(device)
-    if latents_stats is not None:
-        model.init_bn(latents_stats["latents_scale"].to(device), latents_stats["latents_bias"].to(device))
-
     vae_loss_fn = ReconstructionLoss_Single_Stage(
         OmegaConf.load(args.loss_cfg_path), pretrained_lpips=not args.lpips_random_init).to(device)
     if args.disc_pretrained_ckpt:
@@ -69,26 +65,25 @@ def main(args):
     logger.info(f"SiT parameters: {sum(p.numel() for p in model.parameters()):,}; "
                 f"VAE parameters: {sum(p.numel() for p in vae.parameters()):,}")
 
+    dataset = ImageDataset(args.data_dir)
+    dataloader, sampler = make_dataloader(dataset, args, accelerator)
+    logger.info(f"Dataset contains {len(dataset):,} images ({args.data_dir})")
+    if latents_stats is None:
+        logger.warning("no latent statistics: estimating them from the first batches (smoke runs only)")
+        batches = [images for images, _ in zip((batch[0] for batch in dataloader), range(4))]
+        latents_stats = {k: accelerator.reduce(v, "mean") for k, v in estimate_latents_stats(vae, batches, device).items()}
+    model.init_bn(latents_stats["latents_scale"].to(device), latents_stats["latents_bias"].to(device))
+    ema = copy.deepcopy(model).eval()
+    requires_grad(ema, False)
+
     model = sync_batchnorm(model, accelerator)
     optimizer = make_optimizer(model.parameters(), args.learning_rate, args)
     optimizer_vae = make_optimizer(vae.parameters(), args.vae_learning_rate, args)
     optimizer_loss_fn = make_optimizer(vae_loss_fn.parameters(), args.disc_learning_rate, args)
-
-    dataset = ImageDataset(args.data_dir)
-    dataloader, sampler = make_dataloader(dataset, args, accelerator)
-    logger.info(f"Dataset contains {len(dataset):,} images ({args.data_dir})")
-
     if args.compile:
-        model, vae, vae_loss_fn = (torch.compile(m) for m in (model, vae, vae_loss_fn))
+        model, vae, vae_loss_fn = compile_modules(model, vae, vae_loss_fn)
     model, vae, vae_loss_fn, optimizer, optimizer_vae, optimizer_loss_fn = accelerator.prepare(
         model, vae, vae_loss_fn, optimizer, optimizer_vae, optimizer_loss_fn)
-    if latents_stats is None:
-        logger.warning("no latent statistics: estimating them from the first batches (smoke runs only)")
-        batches = [images for images, _ in zip((b[0] for b in dataloader), range(4))]
-        stats = {k: accelerator.reduce(v, "mean") for k, v in estimate_latents_stats(unwrap(vae), batches, device).items()}
-        unwrap(model).init_bn(stats["latents_scale"], stats["latents_bias"])
-    ema = copy.deepcopy(unwrap(model)).eval()
-    requires_grad(ema, False)
 
     # Checkpoint keys as published; the loss function's own buffers (LeCam statistics) ride along.
     modules = {"model": unwrap(model), "ema": ema, "vae": unwrap(vae), "discriminator": unwrap(vae_loss_fn).discriminator}
@@ -97,7 +92,8 @@ def main(args):
     state = {"steps": 0, "epoch": 0, "batch_in_epoch": 0}
     set_seed(args.seed + accelerator.process_index)
     if resume_path is not None:
-        state, checkpoint = restore_training_state(resume_path, accelerator, modules, optimizers, guard)
+        state, checkpoint = restore_training_state(resume_path, args, accelerator, modules, optimizers, guard,
+                                                   len(dataloader))
         for name, buffer in loss_buffers(unwrap(vae_loss_fn)).items():
             buffer.copy_(checkpoint.get("vae_loss_buffers", {}).get(name, buffer))
         logger.info(f"Resumed from {resume_path} at step {state['steps']}")
@@ -159,7 +155,7 @@ def main(args):
             if not accelerator.sync_gradients:
                 continue
             # 5) EMA of the SiT, then bookkeeping for one optimization step.
-            update_ema(ema, unwrap(model))
+            update_ema(ema, unwrap(model), args.ema_decay)
             global_step += 1
             state = {"steps": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}
             guard.end_step(global_step)
@@ -217,6 +213,9 @@ def parse_args(input_args=None):
     args = parser.parse_args(input_args)
     if args.freeze_vae and args.diffusion_loss_to_vae:
         raise SystemExit("--freeze-vae and --diffusion-loss-to-vae exclude each other")
+    if args.mixed_precision == "fp16" and args.gradient_accumulation_steps > 1:
+        # The three optimizers share one gradient scaler whose scale may change between their updates.
+        raise SystemExit("--gradient-accumulation-steps > 1 needs --mixed-precision bf16 or no (not fp16)")
     return validate_training_args(args)
 
 

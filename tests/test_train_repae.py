@@ -163,7 +163,7 @@ def test_gradient_accumulation_counts_optimization_steps(data_dir, tmp_path):
                                           "--batch-size": 4})
     ckpt = load_file(tmp_path / "accum" / "checkpoints" / "0000002.pt")
     # 2 optimization steps of 2 micro-batches each: the data position is 4 micro-batches into epoch 0.
-    assert ckpt["steps"] == 2 and ckpt["data"] == {"epoch": 0, "batch_in_epoch": 4}
+    assert ckpt["steps"] == 2 and ckpt["data"] == {"epoch": 0, "batch_in_epoch": 4, "layout": [1, 4]}
     assert first_state(ckpt["opt"])["step"] == 2 and first_state(ckpt["opt_vae"])["step"] == 2
 
 
@@ -187,6 +187,8 @@ def test_resume_from_a_published_checkpoint(data_dir, tmp_path):
     torch.save({key: ours[key] for key in published_keys}, published)
     result = train(data_dir, tmp_path, "continued", **{"--max-train-steps": 3, "--resume-step": 2,
                                                        "--continue-train-exp-dir": tmp_path / "published"})
-    assert "holds no random state" in result.stderr
+    assert "holds no random and data state" in result.stderr
     resumed = load_file(tmp_path / "continued" / "checkpoints" / "0000003.pt")
     assert resumed["steps"] == 3 and first_state(resumed["opt"])["step"] == 3
+    # 16 images in batches of 4: step 2 ended after batch 2 of epoch 0, so step 3 used batch 3.
+    assert resumed["data"]["epoch"] == 0 and resumed["data"]["batch_in_epoch"] == 3

@@ -136,3 +136,23 @@ def test_global_batchnorm_matches_batchnorm_on_the_whole_batch():
     for rank in (0, 1):
         torch.testing.assert_close(result[rank][2], reference.running_mean)
         torch.testing.assert_close(result[rank][3], reference.running_var)
+
+
+def _unwrap_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.nn.parallel import DistributedDataParallel
+
+    from utils.training import unwrap
+    plain = torch.nn.Linear(2, 2)
+    for wrapped in (DistributedDataParallel(torch.compile(plain)), torch.compile(DistributedDataParallel(plain))):
+        assert unwrap(wrapped) is plain
+        assert list(unwrap(wrapped).state_dict()) == ["weight", "bias"]
+    dist.destroy_process_group()
+
+
+def test_unwrap_reaches_the_plain_module_behind_ddp_and_compile():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_unwrap_worker, args=(1, port), nprocs=1)

@@ -68,6 +68,8 @@ def add_training_args(parser, model_default, vae_default, vae_ckpt_default):
                         help="keep only the newest N checkpoints (0 keeps all)")
     parser.add_argument("--max-nonfinite-steps", type=int, default=50,
                         help="stop after this many consecutive steps with a non-finite loss or gradient")
+    parser.add_argument("--ema-decay", type=float, default=0.9999,
+                        help="EMA decay of the SiT (published: 0.9999; short runs want less, e.g. 0.99)")
     parser.add_argument("--sample-batch-size", type=int, default=64,
                         help="images in the sample grid written every --sampling-steps")
     return parser
@@ -78,8 +80,6 @@ def validate_training_args(args):
     factor = vae_geometry[args.vae][0]
     if args.resolution % factor:
         raise SystemExit(f"--resolution {args.resolution} must be divisible by {factor} for --vae {args.vae}")
-    if args.resume_step and not args.continue_train_exp_dir and not args.exp_name:
-        raise SystemExit("--resume-step needs --continue-train-exp-dir or --exp-name")
     for flag in ("batch_size", "max_train_steps", "checkpointing_steps", "sampling_steps", "gradient_accumulation_steps"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be positive")

@@ -78,3 +78,26 @@ def all_gather_objects(obj):
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def from_main_process(obj):
+    """obj as process 0 has it, on every process (obj itself when not distributed)."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def on_main_process(fn):
+    """fn() evaluated on process 0 only; its result, or the exception it raised, on every process."""
+    outcome = None
+    if not is_distributed() or dist.get_rank() == 0:
+        try:
+            outcome = (True, fn())
+        except Exception as error:  # re-raised on every process below, so none waits forever
+            outcome = (False, error)
+    succeeded, value = from_main_process(outcome)
+    if not succeeded:
+        raise value
+    return value

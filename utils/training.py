@@ -16,7 +16,7 @@ from utils.checkpoint import (
     load_state_dict_strict, prune_checkpoints, restore_rng_state,
 )
 from utils.data import ResumableDistributedSampler
-from utils.distributed import all_gather_objects, convert_global_batchnorm
+from utils.distributed import all_gather_objects, convert_global_batchnorm, on_main_process
 from utils.latents import denormalize_latents
 from utils.samplers import euler_sampler
 from utils.tracking import create_logger, save_sample_grid, tracker_names
@@ -37,8 +37,13 @@ def make_accelerator(args):
 
 
 def setup_experiment(args, accelerator):
-    """Create EXP = output_dir/exp_name with args.json and log.txt; return (exp_dir, logger)."""
+    """Decide the resume checkpoint, then create EXP = output_dir/exp_name with args.json and log.txt.
+
+    Returns (exp_dir, logger, resume_path). Process 0 decides and tells the others, so all agree; a refused start
+    (see resolve_resume) writes nothing.
+    """
     exp_dir = Path(args.output_dir) / args.exp_name
+    resume_path = on_main_process(lambda: resolve_resume(args, exp_dir))
     if accelerator.is_main_process:
         (exp_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         with open(exp_dir / "args.json", "w") as handle:
@@ -46,7 +51,7 @@ def setup_experiment(args, accelerator):
     accelerator.wait_for_everyone()
     logger = create_logger(exp_dir, accelerator.is_main_process)
     logger.info(f"Experiment directory: {exp_dir}")
-    return exp_dir, logger
+    return exp_dir, logger, resume_path
 
 
 def resolve_resume(args, exp_dir):
@@ -118,13 +123,28 @@ def start_epoch(sampler, loader, epoch, data_state):
 
 
 def unwrap(module):
-    """The plain module behind DDP, mixed-precision and torch.compile wrappers."""
-    return extract_model_from_parallel(module, keep_fp32_wrapper=False, keep_torch_compile=False)
+    """The plain module behind DDP and torch.compile wrappers, in either order (the module is not changed)."""
+    module = extract_model_from_parallel(module, keep_fp32_wrapper=True)
+    while hasattr(module, "_orig_mod"):
+        module = module._orig_mod
+    return module
+
+
+def compile_modules(*modules):
+    """torch.compile each module, with the published dynamo cache limits (train/eval switches recompile)."""
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 512
+    return [torch.compile(module) for module in modules]
 
 
 def sync_batchnorm(model, accelerator):
-    """Batch-norm statistics over the global batch when several processes train (works with gloo too)."""
-    return convert_global_batchnorm(model) if accelerator.num_processes > 1 else model
+    """Batch-norm statistics over the global batch when several processes train: SyncBatchNorm on CUDA as
+    published, GlobalBatchNorm2d (same numbers) elsewhere, e.g. gloo on CPU."""
+    if accelerator.num_processes == 1:
+        return model
+    if accelerator.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return convert_global_batchnorm(model)
 
 
 @torch.no_grad()
@@ -172,14 +192,15 @@ def save_training_state(exp_dir, args, accelerator, modules, optimizers, guard, 
     optimizers: checkpoint key -> optimizer (opt, opt_vae, opt_disc). Extra keys: rng (per process), data, guard,
     scaler and `extra`. Non-finite weights are refused.
     """
-    rng_states = all_gather_objects(capture_rng_state())
     path = checkpoint_file(exp_dir, data_state["steps"])
+    checkpoint = {key: module.state_dict() for key, module in modules.items()}
+    assert_finite(checkpoint, path)  # on every process (their weights are the same), so all stop together
+    rng_states = all_gather_objects(capture_rng_state())
     if accelerator.is_main_process:
-        checkpoint = {key: module.state_dict() for key, module in modules.items()}
-        assert_finite(checkpoint, path)
         checkpoint.update({key: opt.state_dict() for key, opt in optimizers.items()})
         checkpoint.update(args=args, steps=data_state["steps"], rng=rng_states, guard=guard.state_dict(),
-                          data={"epoch": data_state["epoch"], "batch_in_epoch": data_state["batch_in_epoch"]})
+                          data={"epoch": data_state["epoch"], "batch_in_epoch": data_state["batch_in_epoch"],
+                                "layout": data_layout(args, accelerator)})
         if accelerator.scaler is not None:
             checkpoint["scaler"] = accelerator.scaler.state_dict()
         checkpoint.update(extra or {})
@@ -189,11 +210,17 @@ def save_training_state(exp_dir, args, accelerator, modules, optimizers, guard, 
     return path
 
 
-def restore_training_state(path, accelerator, modules, optimizers, guard):
+def data_layout(args, accelerator):
+    """What a saved data position depends on: the number of processes and the per-process batch size."""
+    return [accelerator.num_processes, args.batch_size // accelerator.num_processes]
+
+
+def restore_training_state(path, args, accelerator, modules, optimizers, guard, batches_per_epoch):
     """Load a checkpoint written by save_training_state (or by the published code) into the run.
 
-    Returns (data_state, checkpoint). Published checkpoints lack random and data state: training then
-    continues from the saved step with fresh random streams and the start of an epoch.
+    Returns (data_state, checkpoint). A checkpoint without random or data state for this run's layout (published
+    checkpoints, or another process count or batch size) continues at the position its step count implies, with
+    random streams seeded from the step: the run goes on, but does not repeat an uninterrupted one exactly.
     """
     checkpoint = load_file(path)
     for key, module in modules.items():
@@ -204,14 +231,16 @@ def restore_training_state(path, accelerator, modules, optimizers, guard):
         guard.load_state_dict(checkpoint["guard"])
     if "scaler" in checkpoint and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(checkpoint["scaler"])
-    rng = checkpoint.get("rng")
-    if rng is not None and len(rng) == accelerator.num_processes:
-        restore_rng_state(rng[accelerator.process_index])
-    else:
-        warnings.warn(f"{path} holds no random state for {accelerator.num_processes} processes; "
-                      "the resumed run will not repeat the original one exactly")
-    data = checkpoint.get("data", {"epoch": 0, "batch_in_epoch": 0})
-    return {"steps": checkpoint["steps"], **data}, checkpoint
+    steps, data = checkpoint["steps"], checkpoint.get("data")
+    if data is not None and data.get("layout") == data_layout(args, accelerator) and "rng" in checkpoint:
+        restore_rng_state(checkpoint["rng"][accelerator.process_index])
+        return {"steps": steps, "epoch": data["epoch"], "batch_in_epoch": data["batch_in_epoch"]}, checkpoint
+    warnings.warn(f"{path} holds no random and data state for {accelerator.num_processes} processes of "
+                  f"batch {args.batch_size // accelerator.num_processes}; continuing from its step count")
+    torch.manual_seed(args.seed + accelerator.process_index + steps * accelerator.num_processes)
+    micro_batches = steps * args.gradient_accumulation_steps
+    return {"steps": steps, "epoch": micro_batches // batches_per_epoch,
+            "batch_in_epoch": micro_batches % batches_per_epoch}, checkpoint
 
 
 @torch.no_grad()
