@@ -124,7 +124,8 @@ def parse_args(input_args=None):
                       vae_ckpt_default="pretrained/e2e-vavae-400k/e2e-vavae-400k.pt")
     parser.add_argument("--vae-latents-name", type=str, default="e2e-vavae-400k")
     parser.add_argument("--cfg-prob", type=float, default=0.1)
-    parser.add_argument("--bn-momentum", type=float, default=0.1)
+    parser.add_argument("--bn-momentum", type=float, default=0.1,
+                        help="recorded for generate.py; the normalizer stays fixed at the VAE's statistics here")
     return validate_training_args(parser.parse_args(input_args))
 
 
