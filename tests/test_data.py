@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import preprocessing
 from test_preprocessing import make_photo_tree
 from utils.data import (CustomH5Dataset, CustomINH5Dataset, ImageDataset, ImageLatentDataset,
-                        ResumableDistributedSampler, latent_name)
+                        ResumableDistributedSampler, latent_name, read_entry)
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
 
@@ -161,3 +161,11 @@ def test_sampler_resumes_mid_epoch(data):
         sampler.set_epoch(4, start_index=6)
     with pytest.raises(ValueError, match="rank 2 is outside"):
         ResumableDistributedSampler(dataset, num_replicas=2, rank=2)
+
+
+def test_damaged_entry_error_names_file_and_entry(tmp_path):
+    path = tmp_path / "images.h5"
+    with h5py.File(path, "w") as h5f:
+        h5f.create_dataset("00000/img00000000.png", data=np.void(b"\x89PNG truncated"))
+    with h5py.File(path, "r") as h5f, pytest.raises(RuntimeError, match="images.h5: entry 00000/img00000000.png"):
+        read_entry(h5f, "00000/img00000000.png")

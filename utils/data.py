@@ -24,7 +24,16 @@ def latent_name(image_name):
 
 
 def read_entry(h5f, name):
-    """Decode one entry: .png -> uint8 (C, H, W) array, .json -> object, .npy -> array."""
+    """Decode one entry: .png -> uint8 (C, H, W) array, .json -> object, .npy -> array; errors name file and entry."""
+    try:
+        return _decode_entry(h5f, name)
+    except Exception as error:
+        raise RuntimeError(f"{h5f.filename}: entry {name} cannot be read ({type(error).__name__}: {error}); "
+                           "the file is damaged: write it again with preprocessing.py / cache_latents.py") from error
+
+
+def _decode_entry(h5f, name):
+    """read_entry without the error context."""
     if name.endswith(".png"):
         image = np.asarray(Image.open(io.BytesIO(h5f[name][()])))
         return np.ascontiguousarray(image.reshape(*image.shape[:2], -1).transpose(2, 0, 1))
