@@ -25,6 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "colorwheel")
+MARKER = ".repae-demo"  # marks a folder demo.py made, so that only such a folder is ever replaced
 SETTINGS = {
     "full": dict(resolution=64, crops=12, batch=8, repae_steps=240, ldm_steps=400, samples=32, sampling_steps=25),
     "quick": dict(resolution=32, crops=4, batch=8, repae_steps=6, ldm_steps=6, samples=8, sampling_steps=4),
@@ -79,8 +80,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = SETTINGS["quick" if args.quick else "full"]
     out = args.out.resolve()
-    if out.exists():
-        shutil.rmtree(out)  # the demo always starts from scratch: it only ever writes inside --out
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            sys.exit(f"{out} exists and was not made by demo.py: choose another --out")
+        shutil.rmtree(out)  # a previous demo's outputs: the demo always starts from scratch
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
     data, exps, pretrained, samples = out / "data", out / "exps", out / "pretrained", out / "samples"
     started = time.time()
     print("No pretrained weights are available offline: the encoder (dinov2-vit-s) and the LPIPS VGG trunk are "

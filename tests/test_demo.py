@@ -38,3 +38,10 @@ def test_demo_quick_pipeline(tmp_path):
     assert samples.shape == (8, 32, 32, 3) and samples.dtype == np.uint8
     pngs = sorted((out / summary["generated PNGs"]).glob("*.png"))
     assert len(pngs) >= 8 and np.array_equal(np.asarray(Image.open(pngs[0])), samples[0])
+
+
+def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = run_script("demo.py", "--quick", "--out", tmp_path, check=False)
+    assert result.returncode != 0 and "was not made by demo.py" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
