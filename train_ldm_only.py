@@ -21,9 +21,9 @@ from utils.ema import requires_grad, update_ema
 from utils.guard import NonFiniteGuard
 from utils.latents import load_vae
 from utils.training import (
-    build_encoders_and_sit, checkpoint_and_sample, compile_modules, encoder_features, guarded_update,
-    make_accelerator, make_dataloader, make_optimizer, reduce_logs, restore_training_state, setup_experiment,
-    start_epoch, unwrap,
+    build_encoders_and_sit, compile_modules, encoder_features, finish_step, finish_training, guarded_update,
+    make_accelerator, make_dataloader, make_optimizer, restore_training_state, setup_experiment, start_epoch,
+    unwrap,
 )
 
 
@@ -96,24 +96,14 @@ def main(args):
             update_ema(ema, unwrap(model), args.ema_decay)
             global_step += 1
             state = {"steps": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}
-            guard.end_step(global_step)
-            progress_bar.update(1)
-
-            logs = reduce_logs({"sit_loss": sit_loss, "denoising_loss": sit_outputs["denoising_loss"].mean(),
-                                "proj_loss": sit_outputs["proj_loss"].mean(), "grad_norm_sit": grad_norm_sit},
-                               accelerator)
-            logs.update(epoch=epoch, skipped_updates=guard.skipped)
-            progress_bar.set_postfix(sit=f"{logs['sit_loss']:.4f}", proj=f"{logs['proj_loss']:.4f}")
-            accelerator.log(logs, step=global_step)
-
-            checkpoint_and_sample(global_step, logs, state, args=args, accelerator=accelerator, exp_dir=exp_dir,
-                                  logger=logger, modules=modules, optimizers=optimizers, guard=guard, vae=vae)
+            logs = {"sit_loss": sit_loss, "denoising_loss": sit_outputs["denoising_loss"].mean(),
+                    "proj_loss": sit_outputs["proj_loss"].mean(), "grad_norm_sit": grad_norm_sit}
+            finish_step(global_step, logs, state, args=args, accelerator=accelerator, exp_dir=exp_dir, logger=logger,
+                        progress_bar=progress_bar, modules=modules, optimizers=optimizers, guard=guard, vae=vae)
         if global_step >= args.max_train_steps:
             break
 
-    accelerator.wait_for_everyone()
-    logger.info(f"Done: {global_step} steps, {guard.skipped} skipped updates")
-    accelerator.end_training()
+    finish_training(accelerator, logger, global_step, guard)
     return state
 
 

@@ -24,9 +24,9 @@ from utils.ema import requires_grad, update_ema
 from utils.guard import NonFiniteGuard
 from utils.latents import estimate_latents_stats, load_vae, preprocess_imgs_vae
 from utils.training import (
-    build_encoders_and_sit, checkpoint_and_sample, compile_modules, encoder_features, guarded_update,
-    make_accelerator, make_dataloader, make_optimizer, reduce_logs, restore_training_state, setup_experiment,
-    start_epoch, sync_batchnorm, unwrap,
+    build_encoders_and_sit, compile_modules, encoder_features, finish_step, finish_training, guarded_update,
+    make_accelerator, make_dataloader, make_optimizer, restore_training_state, setup_experiment, start_epoch,
+    sync_batchnorm, unwrap,
 )
 
 
@@ -158,9 +158,6 @@ def main(args):
             update_ema(ema, unwrap(model), args.ema_decay)
             global_step += 1
             state = {"steps": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}
-            guard.end_step(global_step)
-            progress_bar.update(1)
-
             logs = {"sit_loss": sit_loss, "denoising_loss": sit_outputs["denoising_loss"].mean(),
                     "proj_loss": sit_outputs["proj_loss"].mean(), "grad_norm_sit": grad_norm_sit,
                     "vae_align_loss": vae_align["proj_loss"].mean()}
@@ -171,21 +168,13 @@ def main(args):
                 logs.update({k: v.mean() for k, v in d_loss_dict.items() if k != "discriminator_loss"})
             if args.log_latent_stats:
                 logs.update(latent_channel_stats(z))
-            logs = reduce_logs(logs, accelerator)
-            logs.update(epoch=epoch, skipped_updates=guard.skipped)
-            progress_bar.set_postfix(sit=f"{logs['sit_loss']:.4f}", proj=f"{logs['proj_loss']:.4f}",
-                                     vae=f"{logs.get('vae_loss', 0.0):.4f}")
-            accelerator.log(logs, step=global_step)
-
-            checkpoint_and_sample(global_step, logs, state, args=args, accelerator=accelerator, exp_dir=exp_dir,
-                                  logger=logger, modules=modules, optimizers=optimizers, guard=guard, vae=unwrap(vae),
-                                  extra={"vae_loss_buffers": loss_buffers(unwrap(vae_loss_fn))})
+            finish_step(global_step, logs, state, args=args, accelerator=accelerator, exp_dir=exp_dir, logger=logger,
+                        progress_bar=progress_bar, modules=modules, optimizers=optimizers, guard=guard,
+                        vae=unwrap(vae), extra={"vae_loss_buffers": loss_buffers(unwrap(vae_loss_fn))})
         if global_step >= args.max_train_steps:
             break
 
-    accelerator.wait_for_everyone()
-    logger.info(f"Done: {global_step} steps, {guard.skipped} skipped updates")
-    accelerator.end_training()
+    finish_training(accelerator, logger, global_step, guard)
     return state
 
 

@@ -71,7 +71,7 @@ def test_short_run_writes_published_layout(data_dir, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     # The EMA has moved away from the initial weights but not as far as the model.
     assert not torch.equal(ckpt["ema"]["blocks.0.attn.qkv.weight"], ckpt["model"]["blocks.0.attn.qkv.weight"])
-    assert "sit=" in result.stderr  # progress bar with the main losses
+    assert "sit_loss=" in result.stderr  # progress bar with the main losses
 
 
 def test_resume_reaches_the_same_weights(data_dir, tmp_path):

@@ -269,13 +269,27 @@ def sample_grid(ema, vae, args, accelerator, exp_dir, step):
     return path
 
 
-def checkpoint_and_sample(step, logs, data_state, *, args, accelerator, exp_dir, logger, modules, optimizers, guard,
-                          vae, extra=None):
-    """A checkpoint every --checkpointing-steps and at the last step; an EMA sample grid at step 1 and every
+def finish_step(step, logs, data_state, *, args, accelerator, exp_dir, logger, progress_bar, modules, optimizers,
+                guard, vae, extra=None):
+    """Close one optimization step: the guard's count, metrics averaged over processes (progress bar, trackers),
+    a checkpoint every --checkpointing-steps and at the last step, an EMA sample grid at step 1 and every
     --sampling-steps. All processes call it."""
+    guard.end_step(step)
+    logs = reduce_logs(logs, accelerator)
+    logs.update(epoch=data_state["epoch"], skipped_updates=guard.skipped)
+    progress_bar.update(1)
+    progress_bar.set_postfix({k: f"{logs[k]:.4f}" for k in ("sit_loss", "proj_loss", "vae_loss") if k in logs})
+    accelerator.log(logs, step=step)
     if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
         path = save_training_state(exp_dir, args, accelerator, modules, optimizers, guard, data_state, extra)
         logger.info(f"Saved checkpoint to {path}; {loss_line(step, logs)}")
     if step == 1 or step % args.sampling_steps == 0:
         path = sample_grid(modules["ema"], vae, args, accelerator, exp_dir, step)
         logger.info(f"Saved EMA sample grid to {path}")
+
+
+def finish_training(accelerator, logger, step, guard):
+    """Wait for every process, log the end and close the trackers."""
+    accelerator.wait_for_everyone()
+    logger.info(f"Done: {step} steps, {guard.skipped} skipped updates")
+    accelerator.end_training()
