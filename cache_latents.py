@@ -1,4 +1,4 @@
-"""Encode DATA/images.h5 with a VAE into OUTPUT/NAME.h5 (posterior mean and std per image), as published.
+"""Encode DATA/images.h5 with a VAE into OUTPUT/NAME.h5 (posterior mean and std per image).
 
     accelerate launch --num_processes=8 cache_latents.py --vae-arch f16d32 \
         --vae-ckpt-path pretrained/e2e-vavae/e2e-vavae-400k.pt --vae-latents-name e2e-vavae
@@ -21,15 +21,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.autoencoder import vae_models
-from utils.data import CustomINH5Dataset, latent_name
-from utils.latents import load_vae, preprocess_imgs_vae
+from utils.data import ImageDataset, latent_name
+from utils.files import atomic_write
+from utils.latents import latent_shape, load_vae, preprocess_imgs_vae
 
 
 def build_vae(arch, ckpt_path, random_init):
     """The VAE from its checkpoint, or (smoke runs) randomly initialised with the same weights on every rank."""
     if random_init:
-        torch.manual_seed(0)
-        return vae_models[arch]()
+        with torch.random.fork_rng(devices=[]):  # seeded here only: the caller's random state stays as it was
+            torch.manual_seed(0)
+            return vae_models[arch]()
     vae, _ = load_vae(arch, ckpt_path, require_stats=False)
     return vae
 
@@ -48,14 +50,40 @@ def encode(vae, images):
     return torch.cat([posterior.mean, posterior.std], dim=1).float()
 
 
-def write_latents(h5f, names, latents):
-    """Store each latent as a raw float32 array dataset under its name (groups created as needed)."""
-    for name, latent in zip(names, latents):
-        h5f.create_dataset(name, data=latent)
+def gathered_latents(vae, loader, slices, batch_size, accelerator, shape):
+    """Per global step, the latents of all processes in dataset order (every process takes part in the gather)."""
+    batches = iter(loader)
+    for indices in slices:
+        # Pad to a fixed size so all processes gather equal shapes; slices are contiguous, so row k of the
+        # gathered tensor is image step * batch_size * world + k.
+        local = torch.zeros((batch_size, *shape), device=accelerator.device)
+        if len(indices):
+            images, _ = next(batches)
+            local[:len(indices)] = encode(vae, images.to(accelerator.device))
+        yield accelerator.gather(local)
 
 
-def main(argv=None):
-    """Parse flags, encode this rank's share of every batch, gather and write on rank 0."""
+def write_latents(h5_path, json_path, names, labels, batches, desc):
+    """Write each latent as a raw float32 array at its name, the labels, then the name list; all or nothing."""
+    progress = tqdm(total=len(names), desc=desc, unit="img")
+    with atomic_write(h5_path) as tmp_h5, atomic_write(json_path) as tmp_json:
+        with h5py.File(tmp_h5, "w") as h5f:
+            start = 0
+            for latents in batches:
+                count = min(len(latents), len(names) - start)
+                for name, latent in zip(names[start:start + count], latents[:count].cpu().numpy()):
+                    h5f.create_dataset(name, data=latent)
+                start += count
+                progress.update(count)
+            pairs = [[name, int(label)] for name, label in zip(names, labels)]
+            h5f.create_dataset("dataset.json", data=np.array(json.dumps({"labels": pairs}).encode("utf-8"), dtype="S"))
+        with open(tmp_json, "w") as f:
+            json.dump(names + ["dataset.json"], f, indent=2)
+    progress.close()
+
+
+def parse_args(argv=None):
+    """Parse the caching flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vae-arch", type=str, default="f16d32", choices=list(vae_models))
     parser.add_argument("--vae-ckpt-path", type=str, default="pretrained/repae-invae-400k/repae-invae-400k.pt",
@@ -68,64 +96,34 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
     parser.add_argument("--vae-random-init", action="store_true", help="random VAE weights (smoke runs)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    """Encode this rank's share of every batch, gather and write on rank 0."""
+    args = parse_args(argv)
     h5_path = os.path.join(args.output_dir, f"{args.vae_latents_name}.h5")
     json_path = os.path.join(args.output_dir, f"{args.vae_latents_name}_h5.json")
     for path in (h5_path, json_path):
         if os.path.exists(path) and not args.overwrite:
             sys.exit(f"error: {path} already exists; pass --overwrite to replace it")
-    dataset = CustomINH5Dataset(args.data_dir)
+    dataset = ImageDataset(args.data_dir)
 
     accelerator = Accelerator()
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    vae = build_vae(args.vae_arch, args.vae_ckpt_path, args.vae_random_init).to(device).eval()
-
-    num_items, batch_size = len(dataset), args.pproc_batch_size
-    height, width = dataset[0][0].shape[1:]
-    factor = vae.downsample_factor
-    latent_shape = (2 * vae.latent_channels, height // factor, width // factor)
-    slices = rank_slices(num_items, batch_size, world, rank)
+    vae = build_vae(args.vae_arch, args.vae_ckpt_path, args.vae_random_init).to(accelerator.device).eval()
+    channels, height, width = latent_shape(vae, dataset.image_size[0])  # images.h5 holds square crops
+    shape = (2 * channels, height, width)
+    world, batch_size = accelerator.num_processes, args.pproc_batch_size
+    slices = rank_slices(len(dataset), batch_size, world, accelerator.process_index)
     loader = DataLoader(dataset, batch_sampler=[list(s) for s in slices if len(s)], num_workers=args.num_workers)
-    batches = iter(loader)
-
-    names = [latent_name(name) for name in dataset.filelist]
-    main_process = accelerator.is_main_process
-    tmp_h5, tmp_json = h5_path + ".tmp", json_path + ".tmp"
-    if main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        h5f = h5py.File(tmp_h5, "w")
-        progress = tqdm(total=num_items, desc=f"Encoding with {world} process(es)", unit="img")
-    try:
-        for step, indices in enumerate(slices):
-            # Pad to a fixed size so all processes gather equal shapes; slices are contiguous, so row k of the
-            # gathered tensor is image step * batch_size * world + k.
-            local = torch.zeros((batch_size, *latent_shape), device=device)
-            if len(indices):
-                images, _ = next(batches)
-                local[:len(indices)] = encode(vae, images.to(device))
-            gathered = accelerator.gather(local)
-            if main_process:
-                start = step * batch_size * world
-                count = min(batch_size * world, num_items - start)
-                write_latents(h5f, names[start:start + count], gathered[:count].cpu().numpy())
-                progress.update(count)
-        if main_process:
-            labels = [[name, int(label)] for name, label in zip(names, dataset.labels)]
-            h5f.create_dataset("dataset.json", data=np.array(json.dumps({"labels": labels}).encode("utf-8"), dtype="S"))
-            h5f.close()
-            progress.close()
-            with open(tmp_json, "w") as f:
-                json.dump(names + ["dataset.json"], f, indent=2)
-            os.replace(tmp_h5, h5_path)
-            os.replace(tmp_json, json_path)
-            print(f"Wrote {num_items} latents {latent_shape} to {h5_path}")
-    finally:
-        if main_process:
-            h5f.close()  # no-op when already closed
-            for path in (tmp_h5, tmp_json):
-                if os.path.exists(path):
-                    os.remove(path)
+    batches = gathered_latents(vae, loader, slices, batch_size, accelerator, shape)
+    if accelerator.is_main_process:
+        names = [latent_name(name) for name in dataset.filelist]
+        write_latents(h5_path, json_path, names, dataset.labels, batches, f"Encoding with {world} process(es)")
+        print(f"Wrote {len(names)} latents {shape} to {h5_path}")
+    else:
+        for _ in batches:
+            pass
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

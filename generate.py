@@ -4,7 +4,7 @@
     python generate.py --ckpt EXP/checkpoints/0400000.pt --num-fid-samples 1000     # one process, GPU or CPU
 
 Samples come from the EMA weights. The folder SAMPLE_DIR/EXPNAME_STEP_cfgSCALE-LOW-HIGH, each process's seed
-and the image numbering are the published ones, so a run reproduces the published random stream. A stopped run
+and the image numbering are those of REPA-E's sampling script, so a run reproduces its random stream. A stopped run
 restarts where it stopped: batches whose PNGs all exist are not sampled again, but their random numbers are
 still drawn, so every other image comes out as in an uninterrupted run. An existing .npz means nothing to do.
 """
@@ -25,11 +25,12 @@ from models.autoencoder import vae_models
 from models.sit import SiT_models
 from utils.checkpoint import checkpoint_file, list_checkpoints, load_file, load_state_dict_strict
 from utils.distributed import from_main_process
+from utils.files import atomic_write
 from utils.hub import resolve_weights
-from utils.latents import denormalize_latents, load_vae
+from utils.latents import denormalize_latents, latent_shape, load_vae, stats_from_batchnorm
 from utils.samplers import euler_maruyama_sampler, euler_sampler
 
-# What the published script samples when --exp-path is missing.
+# Sampled when neither --exp-path nor --ckpt is given.
 DEFAULT_EXP_PATH = "pretrained/sit-xl-dinov2-b-enc8-repae-sdvae-0.5-1.5-400k"
 DEFAULT_TRAIN_STEPS = "400000"
 # Training defaults for the model settings, in case an older args.json lacks one.
@@ -40,7 +41,7 @@ SETTINGS_FILE = "sampling.json"
 
 
 def parse_args(argv=None):
-    """Published flags plus --ckpt and --vae-ckpt."""
+    """Parse and check the sampling flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
@@ -104,7 +105,7 @@ def resolve_checkpoint(args, rank):
         return ckpt, exp_name, str(step).zfill(7)
     if args.exp_path is None:
         if rank == 0:
-            print(f"--exp-path not given: sampling the published default {DEFAULT_EXP_PATH}")
+            print(f"--exp-path not given: sampling the default {DEFAULT_EXP_PATH}")
         args.exp_path = DEFAULT_EXP_PATH
         args.train_steps = args.train_steps or DEFAULT_TRAIN_STEPS
     if args.train_steps is None:
@@ -139,7 +140,8 @@ def prepare_folder(folder, settings, ckpt_path):
             return "error", (f"{folder} holds samples made with other settings (recorded, now): {changed}; "
                              "remove the folder or pass another --sample-dir")
     else:
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2) + "\n")
     return "run", None
 
 
@@ -177,14 +179,14 @@ def uninitialized(build, device, **kwargs):
     return module.to_empty(device=device)
 
 
-def load_sit(config, ema_state, source, latent_size, in_channels, device):
-    """The SiT of the training args with the checkpoint's EMA weights, in eval mode (no label dropout)."""
+def load_sit(config, ema_state, source, shape, device):
+    """The SiT of the training args for latents of `shape` (C, H, W) with the EMA weights, in eval mode."""
     z_dims, projector_dim = projector_shapes(ema_state)
     model = uninitialized(
         SiT_models[config["model"]],
         device,
-        input_size=latent_size,
-        in_channels=in_channels,
+        input_size=shape[-1],
+        in_channels=shape[0],
         num_classes=config["num_classes"],
         class_dropout_prob=config["cfg_prob"],
         z_dims=z_dims,
@@ -225,21 +227,20 @@ class NullVelocity:
 
 
 def to_uint8(images):
-    """Decoded images in [-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), truncating as published."""
+    """Decoded images in [-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), truncating like the reference samples."""
     images = torch.clamp(255.0 * (images + 1) / 2, 0, 255)
     return images.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
 
 
 def save_png(image, path):
     """Write a PNG atomically, so an interrupted run never leaves a truncated file that looks finished."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 @torch.no_grad()
-def sample_pngs(args, model, vae, stats, folder, rank, world_size, seed, latent_shape):
-    """Sample this process's share as published: one seed, batch b's image i numbered i * world + rank + b * global."""
+def sample_pngs(args, model, vae, stats, folder, rank, world_size, seed, shape):
+    """Sample this process's share: one seed, batch b's image i numbered i * world + rank + b * global."""
     sampler = euler_maruyama_sampler if args.mode == "sde" else euler_sampler
     null_model = NullVelocity(model.num_classes)
     device = next(model.parameters()).device
@@ -250,7 +251,7 @@ def sample_pngs(args, model, vae, stats, folder, rank, world_size, seed, latent_
         print(f"Total number of images that will be sampled: {iterations * global_batch}")
     torch.manual_seed(seed)
     for batch in tqdm(range(iterations), disable=rank != 0):
-        z = torch.randn(n, *latent_shape, device=device)
+        z = torch.randn(n, *shape, device=device)
         y = torch.randint(0, model.num_classes, (n,), device=device)
         paths = [folder / f"{i * world_size + rank + batch * global_batch:06d}.png" for i in range(n)]
         done = all(path.is_file() for path in paths)
@@ -259,7 +260,7 @@ def sample_pngs(args, model, vae, stats, folder, rank, world_size, seed, latent_
                           guidance_high=args.guidance_high, path_type=args.path_type)
         if done:
             continue
-        latents = denormalize_latents(latents.to(torch.float32), stats["latents_scale"], stats["latents_bias"])
+        latents = denormalize_latents(latents.to(torch.float32), stats)
         for image, path in zip(to_uint8(vae.decode(latents)), paths):
             save_png(image, path)
 
@@ -273,10 +274,8 @@ def create_npz(folder, num):
         with Image.open(folder / f"{i:06d}.png") as image:
             samples[i] = np.asarray(image)
     npz = folder.with_name(folder.name + ".npz")
-    tmp = npz.with_name(f".{npz.name}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, arr_0=samples)
-    os.replace(tmp, npz)
+    with atomic_write(npz) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, arr_0=samples)  # through a handle: given a path, np.savez would append .npz to it
     print(f"Saved .npz file to {npz} [shape={samples.shape}].")
     return npz
 
@@ -294,20 +293,20 @@ def run(args, rank, world_size, device):
     if status == "error":
         raise SystemExit(detail)
 
-    checkpoint = load_file(ckpt_path, map_location=device)  # as published: straight to the GPU
+    checkpoint = load_file(ckpt_path, map_location=device)
     config = load_config(args, checkpoint, ckpt_path)
     vae, stats = load_autoencoder(config, checkpoint, ckpt_path, args.vae_ckpt, device)
-    latent_size = config["resolution"] // vae.downsample_factor
-    model = load_sit(config, checkpoint["ema"], ckpt_path, latent_size, vae.latent_channels, device)
+    shape = latent_shape(vae, config["resolution"])
+    model = load_sit(config, checkpoint["ema"], ckpt_path, shape, device)
     del checkpoint
-    stats = stats if stats is not None else model.extract_latents_stats()
+    if stats is None:  # REPA-E checkpoints: the statistics of the SiT's batch-norm
+        stats = stats_from_batchnorm(model.bn.running_mean, model.bn.running_var)
     stats = {key: value.to(device, torch.float32) for key, value in stats.items()}
     model, vae = model.to(device), vae.to(device).eval()
 
-    seed = (args.global_seed + rank) * world_size // 2  # the published per-process seed
+    seed = (args.global_seed + rank) * world_size // 2  # REPA-E's per-process seed, to reproduce its samples
     print(f"Starting rank={rank}, seed={seed}, world_size={world_size}; saving .png samples at {folder}")
-    sample_pngs(args, model, vae, stats, folder, rank, world_size, seed,
-                (vae.latent_channels, latent_size, latent_size))
+    sample_pngs(args, model, vae, stats, folder, rank, world_size, seed, shape)
     if dist.is_initialized():
         dist.barrier()  # every PNG is on disk before rank 0 packs them
     npz = folder.with_name(folder.name + ".npz")

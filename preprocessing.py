@@ -1,6 +1,6 @@
 """Pack an image folder (ImageNet train) into OUTPUT/images.h5: ADM center crops stored as uncompressed PNGs.
 
-Layout (as published): one byte-string dataset per image at `00000/img00000000.png`, a dataset `dataset.json`
+Layout: one byte-string dataset per image at `00000/img00000000.png`, a dataset `dataset.json`
 holding {"labels": [[name, class], ...]}, and OUTPUT/images_h5.json listing every name in the file.
 Classes come from a `dataset.json` in the source folder, else from the sorted top-level folder names.
 
@@ -18,6 +18,8 @@ import h5py
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from utils.files import atomic_write
 
 # Images wider (or taller) than this many times their short side are skipped: resizing their short side to the
 # target would make a huge intermediate image (a 1x100000 strip becomes 256x25600000).
@@ -106,7 +108,7 @@ def process_image(task):
 
 
 def write_dataset(h5f, name, data):
-    """Store bytes as a scalar byte-string dataset at name (groups created as needed), as published."""
+    """Store bytes as a scalar byte-string dataset at name (groups created as needed)."""
     h5f.create_dataset(name, data=np.array(data, dtype="S"))
 
 
@@ -147,8 +149,8 @@ def check_output(paths, overwrite):
             sys.exit(f"error: {path} already exists; pass --overwrite to replace it")
 
 
-def main(argv=None):
-    """Parse flags, convert the folder, write images.h5 and images_h5.json atomically."""
+def parse_args(argv=None):
+    """Parse the preprocessing flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--imagenet-path", type=str, required=True, help="source image folder (class subfolders)")
     parser.add_argument("--output-path", type=str, default="data", help="folder for images.h5 and images_h5.json")
@@ -156,8 +158,12 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=int, default=16, help="decoding processes")
     parser.add_argument("--max-images", type=int, default=None, help="only the first N files (sorted)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    """Convert the folder, write images.h5 and images_h5.json atomically."""
+    args = parse_args(argv)
     if not os.path.isdir(args.imagenet_path):
         sys.exit(f"error: --imagenet-path {args.imagenet_path} is not a folder")
     h5_path = os.path.join(args.output_path, "images.h5")
@@ -169,9 +175,7 @@ def main(argv=None):
         sys.exit(f"error: no files with an image extension under {args.imagenet_path}")
     print(f"Found {len(items)} image files in {num_classes} classes under {args.imagenet_path}")
 
-    os.makedirs(args.output_path, exist_ok=True)
-    tmp_h5, tmp_json = h5_path + ".tmp", json_path + ".tmp"
-    try:
+    with atomic_write(h5_path) as tmp_h5, atomic_write(json_path) as tmp_json:
         with h5py.File(tmp_h5, "w") as h5f:
             labels, stats, skipped = convert(items, h5f, args.resolution, max(args.num_workers, 1))
             if not labels:
@@ -181,12 +185,6 @@ def main(argv=None):
             h5f.visit(names.append)
         with open(tmp_json, "w") as f:
             json.dump(names, f, indent=2)
-        os.replace(tmp_h5, h5_path)
-        os.replace(tmp_json, json_path)
-    finally:
-        for path in (tmp_h5, tmp_json):
-            if os.path.exists(path):
-                os.remove(path)
 
     print(f"Wrote {len(labels)} images to {h5_path}; skipped {len(skipped)} of {len(items)} files")
     for what, count in sorted(stats.items()):

@@ -2,25 +2,23 @@
 
     python save_vae_weights.py --repae-ckpt EXP/checkpoints/0400000.pt --vae-name e2e-vae --save-dir exps
 
-writes, as published, SAVE_DIR/NAME/NAME.pt (the VAE state dict), NAME-latents-stats.pt
+writes SAVE_DIR/NAME/NAME.pt (the VAE state dict), NAME-latents-stats.pt
 ({"latents_scale", "latents_bias"}, each (1, C, 1, 1), from the EMA SiT's batch-norm: scale = running_var^-1/2,
 bias = running_mean) and NAME-discriminator-ckpt.pt; with --diffusers also a diffusers AutoencoderKL folder
 SAVE_DIR/NAME/diffusers. Existing outputs are kept unless --overwrite is given.
 """
 import argparse
-import os
-import shutil
 from pathlib import Path
 
-import torch
-
-from models.autoencoder import vae_models
-from utils.checkpoint import atomic_save, describe_mismatch, load_file, load_state_dict_strict
-from utils.hub import resolve_weights
+from models.autoencoder import vae_arch_of, vae_models
+from utils.checkpoint import atomic_save, load_file, load_state_dict_strict
+from utils.files import atomic_write
+from utils.hub import DISCRIMINATOR_SUFFIX, STATS_SUFFIX, resolve_weights
+from utils.latents import stats_from_batchnorm
 
 
 def parse_args(argv=None):
-    """Published flags plus --diffusers and --overwrite."""
+    """Parse the export flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repae-ckpt", type=str, required=True,
                         help="REPA-E training checkpoint (EXP/checkpoints/N.pt, or a hub id: REPA-E/sit-repae-vavae)")
@@ -31,35 +29,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def latents_stats_from_ema(ema_state):
-    """The SiT batch-norm as latent statistics: scale = running_var^-1/2, bias = running_mean, each (1, C, 1, 1)."""
-    mean, var = ema_state["bn.running_mean"], ema_state["bn.running_var"]
-    channels = mean.numel()
-    return {"latents_scale": var.rsqrt().view(1, channels, 1, 1), "latents_bias": mean.view(1, channels, 1, 1)}
-
-
-def vae_arch(vae_state, source):
-    """Name of the autoencoder layout that vae_state fits exactly (compared on meta tensors: nothing allocated)."""
-    for arch, build in vae_models.items():
-        with torch.device("meta"):
-            reference = build()
-        missing, unexpected, mismatch = describe_mismatch(reference, vae_state)
-        if not (missing or unexpected or mismatch):
-            return arch
-    raise ValueError(f"{source} [vae] fits none of the autoencoder layouts {', '.join(vae_models)}")
-
-
 def export_diffusers(vae_state, arch, stats, folder, source):
-    """Write the diffusers folder beside, then move it into place, so no half-written folder is left behind."""
+    """Write the diffusers folder all at once, so no half-written folder is left behind."""
     from utils.diffusers_vae import export_diffusers_vae
 
     vae = vae_models[arch]()
     load_state_dict_strict(vae, vae_state, f"{source} [vae]")
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    export_diffusers_vae(vae, arch, tmp, stats)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_write(folder, folder=True) as tmp:
+        export_diffusers_vae(vae, arch, tmp, stats)
 
 
 def main(argv=None):
@@ -69,19 +46,21 @@ def main(argv=None):
     for key in ("vae", "ema"):
         if key not in checkpoint:
             raise SystemExit(f"{args.repae_ckpt} has no '{key}' entry: it is not a REPA-E training checkpoint")
-    arch = vae_arch(checkpoint["vae"], args.repae_ckpt)
+    arch = vae_arch_of(checkpoint["vae"])
+    if arch is None:
+        raise ValueError(f"{args.repae_ckpt} [vae] fits none of the autoencoder layouts {', '.join(vae_models)}")
 
     out_dir = Path(args.save_dir) / args.vae_name
-    outputs = {"vae": out_dir / f"{args.vae_name}.pt", "latents_stats": out_dir / f"{args.vae_name}-latents-stats.pt"}
+    outputs = {"vae": out_dir / f"{args.vae_name}.pt", "latents_stats": out_dir / f"{args.vae_name}{STATS_SUFFIX}"}
     if "discriminator" in checkpoint:
-        outputs["discriminator"] = out_dir / f"{args.vae_name}-discriminator-ckpt.pt"
+        outputs["discriminator"] = out_dir / f"{args.vae_name}{DISCRIMINATOR_SUFFIX}"
     if args.diffusers:
         outputs["diffusers"] = out_dir / "diffusers"
     existing = [str(path) for path in outputs.values() if path.exists()]
     if existing and not args.overwrite:
         raise SystemExit(f"refusing to overwrite {', '.join(existing)}: pass --overwrite")
 
-    stats = latents_stats_from_ema(checkpoint["ema"])
+    stats = stats_from_batchnorm(checkpoint["ema"]["bn.running_mean"], checkpoint["ema"]["bn.running_var"])
     atomic_save(checkpoint["vae"], outputs["vae"])
     atomic_save(stats, outputs["latents_stats"])
     if "discriminator" in outputs:

@@ -1,7 +1,9 @@
 """Latent diffusion only: a SiT with REPA on latents cached from a frozen (E2E-)VAE.
 
-The batch-norm latent normalizer is fixed from the VAE's latent statistics and stays in eval mode; the VAE
-itself is only used to decode the sample grids.
+One step (`ldm_step`) on a batch of uint8 images, cached posterior moments and labels: frozen-encoder features of
+the images, one posterior sample z = mean + std * eps, then a SiT update on z: v-prediction loss + proj_coeff * REPA
+loss. The batch-norm latent normalizer is fixed at the VAE's latent statistics (eval mode); the VAE itself only
+decodes the sample grids. Then the EMA of the SiT.
 
     python cache_latents.py --vae-arch f16d32 --vae-ckpt-path pretrained/e2e-vavae/e2e-vavae.pt \
         --vae-latents-name e2e-vavae
@@ -9,20 +11,28 @@ itself is only used to decode the sample grids.
         --vae-ckpt pretrained/e2e-vavae/e2e-vavae.pt --vae-latents-name e2e-vavae
 """
 import argparse
-import copy
+from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from utils.cli import add_training_args, validate_training_args
 from utils.data import ImageLatentDataset
-from utils.ema import requires_grad, update_ema
-from utils.guard import NonFiniteGuard
-from utils.latents import load_vae
+from utils.distributed import on_main_process
+from utils.ema import make_ema, update_ema
+from utils.encoder_weights import load_encoders
+from utils.latents import latent_shape, load_vae, set_batchnorm_stats
 from utils.training import (
-    build_encoders_and_sit, compile_modules, encoder_features, finish_step, finish_training, guarded_update,
-    make_accelerator, make_dataloader, make_optimizer, restore_training_state, setup_experiment, start_epoch,
+    TrainingRun,
+    build_sit,
+    compile_modules,
+    configure_torch,
+    encoder_features,
+    find_resume_checkpoint,
+    guarded_update,
+    make_accelerator,
+    make_dataloader,
+    sample_grid,
     unwrap,
 )
 
@@ -33,78 +43,81 @@ def sample_posterior(moments):
     return mean + std * torch.randn_like(mean)
 
 
+def ldm_step(sit, optimizer, encoders, encoder_types, raw_image, moments, labels, accelerator, guard, *,
+             loss_kwargs, proj_coeff, max_grad_norm):
+    """One latent-diffusion step (module docstring); returns the step's metrics (tensors)."""
+    zs = encoder_features(encoders, encoder_types, raw_image, accelerator)
+    sit.train()
+    unwrap(sit).bn.eval()  # the normalizer keeps the VAE's statistics
+    with accelerator.accumulate(sit), accelerator.autocast():
+        sit_outputs = sit(x=sample_posterior(moments), y=labels, zs=zs, loss_kwargs=loss_kwargs)
+        sit_loss = sit_outputs["denoising_loss"].mean() + proj_coeff * sit_outputs["proj_loss"].mean()
+        grad_norm_sit = guarded_update(accelerator, sit_loss, sit.parameters(), optimizer, guard,
+                                       "SiT loss/gradient", max_grad_norm)
+    return {"sit_loss": sit_loss, "denoising_loss": sit_outputs["denoising_loss"].mean(),
+            "proj_loss": sit_outputs["proj_loss"].mean(), "grad_norm_sit": grad_norm_sit}
+
+
 def main(args):
     """Train a SiT with REPA on cached latents."""
-    accelerator = make_accelerator(args)
-    exp_dir, logger, resume_path = setup_experiment(args, accelerator)
+    configure_torch(allow_tf32=args.allow_tf32, compile=args.compile)
+    accelerator = make_accelerator(mixed_precision=args.mixed_precision,
+                                   gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                   report_to=args.report_to, output_dir=args.output_dir, logging_dir=args.logging_dir)
     device = accelerator.device
+    exp_dir = Path(args.output_dir) / args.exp_name
+    resume_path = on_main_process(lambda: find_resume_checkpoint(
+        exp_dir, resume_step=args.resume_step, continue_train_exp_dir=args.continue_train_exp_dir,
+        resume_latest=args.resume_latest))
 
-    set_seed(args.seed)
-    encoders, encoder_types, model = build_encoders_and_sit(args, device)
+    set_seed(args.seed)  # the same initial weights on every process
+    encoders, encoder_types, _ = load_encoders(args.enc_type, device, args.resolution, ckpt=args.enc_ckpt,
+                                               random_init=args.enc_random_init)
     vae, latents_stats = load_vae(args.vae, args.vae_ckpt)
-    vae = vae.to(device).eval()
-    requires_grad(vae, False)
-    model.init_bn(latents_stats["latents_scale"].to(device), latents_stats["latents_bias"].to(device))
-    ema = copy.deepcopy(model).eval()
-    requires_grad(ema, False)
-    logger.info(f"SiT parameters: {sum(p.numel() for p in model.parameters()):,}")
-
-    optimizer = make_optimizer(model.parameters(), args.learning_rate, args)
+    vae = vae.to(device).eval().requires_grad_(False)
+    shape = latent_shape(vae, args.resolution)
+    sit = build_sit(args.model, shape, encoders, num_classes=args.num_classes, cfg_prob=args.cfg_prob,
+                    encoder_depth=args.encoder_depth, qk_norm=args.qk_norm, fused_attn=args.fused_attn).to(device)
+    set_batchnorm_stats(sit.bn, latents_stats)
+    ema = make_ema(sit)
+    optimizer = torch.optim.AdamW(sit.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     dataset = ImageLatentDataset(args.data_dir, args.vae_latents_name)
-    dataloader, sampler = make_dataloader(dataset, args, accelerator)
-    logger.info(f"Dataset contains {len(dataset):,} images with latents {args.vae_latents_name} ({args.data_dir})")
-
+    dataloader, sampler = make_dataloader(dataset, global_batch_size=args.batch_size, accelerator=accelerator,
+                                          seed=args.seed, num_workers=args.num_workers)
     if args.compile:
-        (model,) = compile_modules(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+        (sit,) = compile_modules(sit)
+    sit, optimizer = accelerator.prepare(sit, optimizer)
 
-    modules = {"model": unwrap(model), "ema": ema}
-    optimizers = {"opt": optimizer}
-    guard = NonFiniteGuard(args.max_nonfinite_steps, logger)
-    state = {"steps": 0, "epoch": 0, "batch_in_epoch": 0}
-    set_seed(args.seed + accelerator.process_index)
+    run = TrainingRun(accelerator, exp_dir, config=args, project="REPA-E", local_batch_size=dataloader.batch_size,
+                      max_train_steps=args.max_train_steps, max_nonfinite_steps=args.max_nonfinite_steps)
+    run.logger.info(f"SiT parameters: {sum(p.numel() for p in sit.parameters()):,}; {len(dataset):,} images with "
+                    f"latents {args.vae_latents_name} in {args.data_dir}")
+    modules, optimizers = {"model": unwrap(sit), "ema": ema}, {"opt": optimizer}
+    set_seed(args.seed + accelerator.process_index)  # each process its own random stream
     if resume_path is not None:
-        state, _ = restore_training_state(resume_path, args, accelerator, modules, optimizers, guard,
-                                          len(dataloader))
-        logger.info(f"Resumed from {resume_path} at step {state['steps']}")
-    global_step = state["steps"]
+        run.resume(resume_path, modules, optimizers, batches_per_epoch=len(dataloader), seed=args.seed,
+                   gradient_accumulation_steps=args.gradient_accumulation_steps)
 
-    accelerator.init_trackers("REPA-E", config=vars(copy.deepcopy(args)),
-                              init_kwargs={"wandb": {"name": args.exp_name}})
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
     loss_kwargs = dict(path_type=args.path_type, prediction=args.prediction, weighting=args.weighting)
+    for raw_image, moments, labels in run.batches(dataloader, sampler, args.epochs):
+        logs = ldm_step(sit, optimizer, encoders, encoder_types, raw_image.to(device), moments.to(device),
+                        labels.to(device), accelerator, run.guard, loss_kwargs=loss_kwargs,
+                        proj_coeff=args.proj_coeff, max_grad_norm=args.max_grad_norm)
+        if not accelerator.sync_gradients:
+            continue  # accumulating: no optimization step yet
+        update_ema(ema, unwrap(sit), args.ema_decay)
+        run.end_step()
 
-    for epoch in range(state["epoch"], args.epochs):
-        start_batch = start_epoch(sampler, dataloader, epoch, state)
-        for batch_in_epoch, (raw_image, moments, labels) in enumerate(dataloader, start=start_batch):
-            if global_step >= args.max_train_steps:
-                break
-            raw_image, moments, labels = raw_image.to(device), moments.to(device), labels.to(device)
-            zs = encoder_features(encoders, encoder_types, raw_image, accelerator)
-            # The normalizer keeps the VAE's statistics: eval mode while the rest of the SiT trains.
-            model.train()
-            unwrap(model).bn.eval()
-            with accelerator.accumulate(model), accelerator.autocast():
-                sit_outputs = model(x=sample_posterior(moments), y=labels, zs=zs, loss_kwargs=loss_kwargs)
-                sit_loss = sit_outputs["denoising_loss"].mean() + args.proj_coeff * sit_outputs["proj_loss"].mean()
-                grad_norm_sit = guarded_update(accelerator, sit_loss, model.parameters(), optimizer, guard,
-                                               "SiT loss/gradient", args.max_grad_norm)
-
-            if not accelerator.sync_gradients:
-                continue
-            update_ema(ema, unwrap(model), args.ema_decay)
-            global_step += 1
-            state = {"steps": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}
-            logs = {"sit_loss": sit_loss, "denoising_loss": sit_outputs["denoising_loss"].mean(),
-                    "proj_loss": sit_outputs["proj_loss"].mean(), "grad_norm_sit": grad_norm_sit}
-            finish_step(global_step, logs, state, args=args, accelerator=accelerator, exp_dir=exp_dir, logger=logger,
-                        progress_bar=progress_bar, modules=modules, optimizers=optimizers, guard=guard, vae=vae)
-        if global_step >= args.max_train_steps:
-            break
-
-    finish_training(accelerator, logger, global_step, guard)
-    return state
+        if run.step % args.log_every == 0:
+            run.log(logs)
+        if run.step % args.checkpointing_steps == 0 or run.step == args.max_train_steps:
+            run.save_checkpoint(modules, optimizers, keep_last=args.keep_last_checkpoints)
+        if run.step == 1 or run.step % args.sampling_steps == 0:
+            run.save_samples(sample_grid(ema, vae, accelerator, latent_shape=shape, num_images=args.sample_batch_size,
+                                         seed=args.seed, path_type=args.path_type))
+    run.finish()
+    return run
 
 
 def parse_args(input_args=None):
@@ -114,8 +127,6 @@ def parse_args(input_args=None):
                       vae_ckpt_default="pretrained/e2e-vavae-400k/e2e-vavae-400k.pt")
     parser.add_argument("--vae-latents-name", type=str, default="e2e-vavae-400k")
     parser.add_argument("--cfg-prob", type=float, default=0.1)
-    parser.add_argument("--bn-momentum", type=float, default=0.1,
-                        help="recorded for generate.py; the normalizer stays fixed at the VAE's statistics here")
     return validate_training_args(parser.parse_args(input_args))
 
 

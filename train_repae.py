@@ -1,33 +1,64 @@
 """REPA-E: end-to-end training of a SiT together with its VAE.
 
-Per batch: (1) frozen-encoder features, (2) VAE forward, (3) VAE step on its regularizer plus the REPA
-alignment loss through the frozen SiT, (4) discriminator step, (5) SiT step on the detached latent
-(stop-gradient) with the same time and noise, (6) EMA of the SiT.
+One step (`repae_step`) on a batch of uint8 images and labels:
+  1. frozen-encoder features (patch tokens) of the images;
+  2. VAE forward: posterior, one posterior sample z, reconstruction;
+  3. VAE update: regularizer (L1 + LPIPS + KL + PatchGAN) + vae_align_proj_coeff * REPA alignment of the SiT's
+     features at block encoder_depth on z, through the frozen SiT in eval mode (batch-norm running statistics);
+  4. discriminator update on the real images and the detached reconstructions;
+  5. SiT update on z.detach() (stop-gradient: the diffusion loss never reaches the VAE) with the time and noise of
+     step 3, batch-norm in training mode: v-prediction loss + proj_coeff * REPA loss;
+  6. EMA of the SiT.
 
     accelerate launch train_repae.py --exp-name repae-sit-xl-2 --model SiT-XL/2 --vae f8d4 \
         --vae-ckpt pretrained/sdvae/sdvae-f8d4.pt --enc-type dinov2-vit-b --batch-size 256
 """
 import argparse
-import copy
+import functools
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from loss.vae_loss import ReconstructionLoss_Single_Stage
 from utils.checkpoint import load_file, load_state_dict_strict
-from utils.hub import resolve_weights
 from utils.cli import add_training_args, validate_training_args
 from utils.data import ImageDataset
-from utils.ema import requires_grad, update_ema
-from utils.guard import NonFiniteGuard
-from utils.latents import estimate_latents_stats, load_vae, preprocess_imgs_vae
+from utils.distributed import on_main_process
+from utils.ema import make_ema, requires_grad, update_ema
+from utils.encoder_weights import load_encoders
+from utils.hub import resolve_weights
+from utils.latents import estimate_latents_stats, latent_shape, load_vae, preprocess_imgs_vae, set_batchnorm_stats
 from utils.training import (
-    build_encoders_and_sit, compile_modules, encoder_features, finish_step, finish_training, guarded_update,
-    make_accelerator, make_dataloader, make_optimizer, restore_training_state, setup_experiment, start_epoch,
-    sync_batchnorm, unwrap,
+    TrainingRun,
+    build_sit,
+    compile_modules,
+    configure_torch,
+    encoder_features,
+    find_resume_checkpoint,
+    guarded_update,
+    make_accelerator,
+    make_dataloader,
+    sample_grid,
+    sync_batchnorm,
+    unwrap,
 )
+
+
+@dataclass
+class Nets:
+    """What a REPA-E step trains and uses, as accelerate prepared it."""
+    encoders: list  # frozen representation encoders
+    encoder_types: list
+    vae: torch.nn.Module
+    sit: torch.nn.Module
+    vae_loss_fn: torch.nn.Module  # the VAE regularizer; owns the discriminator
+    opt_vae: torch.optim.Optimizer
+    opt_disc: torch.optim.Optimizer
+    opt_sit: torch.optim.Optimizer
 
 
 def latent_channel_stats(z):
@@ -42,140 +73,151 @@ def latent_channel_stats(z):
 
 def loss_buffers(vae_loss_fn):
     """Buffers the loss function owns itself (LeCam EMAs), not those of its discriminator or LPIPS net."""
-    return {name: buffer for name, buffer in vae_loss_fn.named_buffers(recurse=False)}
+    return dict(vae_loss_fn.named_buffers(recurse=False))
 
 
-def main(args):
-    """Train SiT and VAE end to end with the published recipe."""
-    accelerator = make_accelerator(args)
-    exp_dir, logger, resume_path = setup_experiment(args, accelerator)
+def repae_step(nets, raw_image, labels, step, accelerator, guard, *, loss_kwargs, proj_coeff, vae_align_proj_coeff,
+               max_grad_norm, freeze_vae=False, diffusion_loss_to_vae=False, log_latent_stats=False):
+    """One REPA-E step (module docstring) on uint8 images and labels; returns the step's metrics (tensors)."""
+    zs = encoder_features(nets.encoders, nets.encoder_types, raw_image, accelerator)
+    sit, vae = nets.sit, nets.vae
+    vae.train(not freeze_vae)
+    logs = {}
+    with accelerator.accumulate(sit, vae, nets.vae_loss_fn), accelerator.autocast():
+        processed_image = preprocess_imgs_vae(raw_image)
+        with torch.set_grad_enabled(not freeze_vae):
+            posterior, z, recon_image = vae(processed_image)
+
+        # VAE update through the frozen SiT; the parameters frozen here are exactly those trained in the SiT update.
+        sit_trainable = [param for param in sit.parameters() if param.requires_grad]
+        requires_grad(sit_trainable, False)
+        sit.eval()
+        vae_align = sit(x=z, y=labels, zs=zs, loss_kwargs=loss_kwargs, align_only=not diffusion_loss_to_vae)
+        if not freeze_vae:
+            vae_loss, vae_loss_dict = nets.vae_loss_fn(processed_image, recon_image, posterior, step, "generator")
+            vae_loss = vae_loss.mean() + vae_align_proj_coeff * vae_align["proj_loss"].mean()
+            if diffusion_loss_to_vae:
+                vae_loss = vae_loss + vae_align["denoising_loss"].mean()
+            logs["grad_norm_vae"] = guarded_update(accelerator, vae_loss, vae.parameters(), nets.opt_vae, guard,
+                                                   "VAE loss/gradient", max_grad_norm)
+
+            # Discriminator update on real images and detached reconstructions.
+            d_loss, d_loss_dict = nets.vae_loss_fn(processed_image, recon_image, posterior, step, "discriminator")
+            logs["grad_norm_disc"] = guarded_update(accelerator, d_loss, nets.vae_loss_fn.parameters(), nets.opt_disc,
+                                                    guard, "discriminator loss/gradient", max_grad_norm)
+            logs.update(vae_loss=vae_loss, d_loss=d_loss)
+            logs.update({k: v.mean() for k, v in vae_loss_dict.items() if k != "total_loss"})
+            logs.update({k: v.mean() for k, v in d_loss_dict.items() if k != "discriminator_loss"})
+
+        # SiT update on the detached latent with the same time and noise.
+        requires_grad(sit_trainable, True)
+        sit.train()
+        sit_outputs = sit(x=z.detach(), y=labels, zs=zs, loss_kwargs=loss_kwargs,
+                          time_input=vae_align["time_input"], noises=vae_align["noises"])
+        sit_loss = sit_outputs["denoising_loss"].mean() + proj_coeff * sit_outputs["proj_loss"].mean()
+        logs["grad_norm_sit"] = guarded_update(accelerator, sit_loss, sit.parameters(), nets.opt_sit, guard,
+                                               "SiT loss/gradient", max_grad_norm)
+    logs.update(sit_loss=sit_loss, denoising_loss=sit_outputs["denoising_loss"].mean(),
+                proj_loss=sit_outputs["proj_loss"].mean(), vae_align_loss=vae_align["proj_loss"].mean())
+    if log_latent_stats:
+        logs.update(latent_channel_stats(z))
+    return logs
+
+
+def build(args, accelerator):
+    """Frozen encoders, VAE, SiT (normalizer set), EMA, regularizer and optimizers, prepared; and the data."""
     device = accelerator.device
-
-    # Models are built from the same seed on every process; each process then gets its own random stream.
-    set_seed(args.seed)
-    encoders, encoder_types, model = build_encoders_and_sit(args, device)
+    encoders, encoder_types, _ = load_encoders(args.enc_type, device, args.resolution, ckpt=args.enc_ckpt,
+                                               random_init=args.enc_random_init)
     vae, latents_stats = load_vae(args.vae, args.vae_ckpt, require_stats=False)
     vae = vae.to(device)
+    sit = build_sit(args.model, latent_shape(vae, args.resolution), encoders, num_classes=args.num_classes,
+                    cfg_prob=args.cfg_prob, encoder_depth=args.encoder_depth, bn_momentum=args.bn_momentum,
+                    qk_norm=args.qk_norm, fused_attn=args.fused_attn).to(device)
     vae_loss_fn = ReconstructionLoss_Single_Stage(
         OmegaConf.load(args.loss_cfg_path), pretrained_lpips=not args.lpips_random_init).to(device)
     if args.disc_pretrained_ckpt:
         disc_ckpt = resolve_weights(args.disc_pretrained_ckpt, kind="discriminator")
         load_state_dict_strict(vae_loss_fn.discriminator, load_file(disc_ckpt), args.disc_pretrained_ckpt)
-        logger.info(f"Loaded discriminator from {args.disc_pretrained_ckpt}")
-    logger.info(f"SiT parameters: {sum(p.numel() for p in model.parameters()):,}; "
-                f"VAE parameters: {sum(p.numel() for p in vae.parameters()):,}")
 
     dataset = ImageDataset(args.data_dir)
-    dataloader, sampler = make_dataloader(dataset, args, accelerator)
-    logger.info(f"Dataset contains {len(dataset):,} images ({args.data_dir})")
+    dataloader, sampler = make_dataloader(dataset, global_batch_size=args.batch_size, accelerator=accelerator,
+                                          seed=args.seed, num_workers=args.num_workers)
     if latents_stats is None:
-        logger.warning("no latent statistics: estimating them from the first batches (smoke runs only)")
-        batches = [images for images, _ in zip((batch[0] for batch in dataloader), range(4))]
-        latents_stats = {k: accelerator.reduce(v, "mean") for k, v in estimate_latents_stats(vae, batches, device).items()}
-    model.init_bn(latents_stats["latents_scale"].to(device), latents_stats["latents_bias"].to(device))
-    ema = copy.deepcopy(model).eval()
-    requires_grad(ema, False)
+        warnings.warn("no latent statistics with the VAE: estimated from the first batches (smoke runs only)")
+        first_batches = [images for images, _ in zip((batch[0] for batch in dataloader), range(4))]
+        latents_stats = {k: accelerator.reduce(v, "mean")
+                         for k, v in estimate_latents_stats(vae, first_batches, device).items()}
+    set_batchnorm_stats(sit.bn, latents_stats)
+    ema = make_ema(sit)
 
-    model = sync_batchnorm(model, accelerator)
-    optimizer = make_optimizer(model.parameters(), args.learning_rate, args)
-    optimizer_vae = make_optimizer(vae.parameters(), args.vae_learning_rate, args)
-    optimizer_loss_fn = make_optimizer(vae_loss_fn.parameters(), args.disc_learning_rate, args)
+    sit = sync_batchnorm(sit, accelerator)
+    adamw = functools.partial(torch.optim.AdamW, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    opt_sit = adamw(sit.parameters(), lr=args.learning_rate)
+    opt_vae = adamw(vae.parameters(), lr=args.vae_learning_rate)
+    opt_disc = adamw(vae_loss_fn.parameters(), lr=args.disc_learning_rate)
     if args.compile:
-        model, vae, vae_loss_fn = compile_modules(model, vae, vae_loss_fn)
-    model, vae, vae_loss_fn, optimizer, optimizer_vae, optimizer_loss_fn = accelerator.prepare(
-        model, vae, vae_loss_fn, optimizer, optimizer_vae, optimizer_loss_fn)
+        sit, vae, vae_loss_fn = compile_modules(sit, vae, vae_loss_fn)
+    sit, vae, vae_loss_fn, opt_sit, opt_vae, opt_disc = accelerator.prepare(
+        sit, vae, vae_loss_fn, opt_sit, opt_vae, opt_disc)
+    nets = Nets(encoders, encoder_types, vae, sit, vae_loss_fn, opt_vae, opt_disc, opt_sit)
+    return nets, ema, dataloader, sampler
 
-    # Checkpoint keys as published; the loss function's own buffers (LeCam statistics) ride along.
-    modules = {"model": unwrap(model), "ema": ema, "vae": unwrap(vae), "discriminator": unwrap(vae_loss_fn).discriminator}
-    optimizers = {"opt": optimizer, "opt_vae": optimizer_vae, "opt_disc": optimizer_loss_fn}
-    guard = NonFiniteGuard(args.max_nonfinite_steps, logger)
-    state = {"steps": 0, "epoch": 0, "batch_in_epoch": 0}
-    set_seed(args.seed + accelerator.process_index)
+
+def main(args):
+    """Train SiT and VAE end to end."""
+    configure_torch(allow_tf32=args.allow_tf32, compile=args.compile)
+    accelerator = make_accelerator(mixed_precision=args.mixed_precision,
+                                   gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                   report_to=args.report_to, output_dir=args.output_dir, logging_dir=args.logging_dir)
+    exp_dir = Path(args.output_dir) / args.exp_name
+    resume_path = on_main_process(lambda: find_resume_checkpoint(
+        exp_dir, resume_step=args.resume_step, continue_train_exp_dir=args.continue_train_exp_dir,
+        resume_latest=args.resume_latest))
+    set_seed(args.seed)  # the same initial weights on every process
+    nets, ema, dataloader, sampler = build(args, accelerator)
+    grid_latent_shape = latent_shape(unwrap(nets.vae), args.resolution)
+
+    run = TrainingRun(accelerator, exp_dir, config=args, project="REPA-E", local_batch_size=dataloader.batch_size,
+                      max_train_steps=args.max_train_steps, max_nonfinite_steps=args.max_nonfinite_steps)
+    run.logger.info(f"SiT parameters: {sum(p.numel() for p in nets.sit.parameters()):,}; "
+                    f"VAE parameters: {sum(p.numel() for p in nets.vae.parameters()):,}; "
+                    f"{len(dataloader.dataset):,} images in {args.data_dir}")
+    # Checkpoint keys of the published layout; the regularizer's own buffers (LeCam statistics) ride along.
+    modules = {"model": unwrap(nets.sit), "ema": ema, "vae": unwrap(nets.vae),
+               "discriminator": unwrap(nets.vae_loss_fn).discriminator}
+    optimizers = {"opt": nets.opt_sit, "opt_vae": nets.opt_vae, "opt_disc": nets.opt_disc}
+    set_seed(args.seed + accelerator.process_index)  # each process its own random stream
     if resume_path is not None:
-        state, checkpoint = restore_training_state(resume_path, args, accelerator, modules, optimizers, guard,
-                                                   len(dataloader))
-        for name, buffer in loss_buffers(unwrap(vae_loss_fn)).items():
+        checkpoint = run.resume(resume_path, modules, optimizers, batches_per_epoch=len(dataloader), seed=args.seed,
+                                gradient_accumulation_steps=args.gradient_accumulation_steps)
+        for name, buffer in loss_buffers(unwrap(nets.vae_loss_fn)).items():
             buffer.copy_(checkpoint.get("vae_loss_buffers", {}).get(name, buffer))
-        logger.info(f"Resumed from {resume_path} at step {state['steps']}")
-    global_step = state["steps"]
 
-    accelerator.init_trackers("REPA-E", config=vars(copy.deepcopy(args)),
-                              init_kwargs={"wandb": {"name": args.exp_name}})
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
     loss_kwargs = dict(path_type=args.path_type, prediction=args.prediction, weighting=args.weighting)
-    # Frozen for the VAE step and trainable again after it. Unlike the published code, which turns every SiT
-    # parameter back on, the fixed sin-cos position embedding stays fixed (it drifted, unsynchronised across
-    # processes, in the published runs).
-    sit_trainable = [param for param in model.parameters() if param.requires_grad]
+    for raw_image, labels in run.batches(dataloader, sampler, args.epochs):
+        logs = repae_step(nets, raw_image.to(accelerator.device), labels.to(accelerator.device), run.step,
+                          accelerator, run.guard, loss_kwargs=loss_kwargs, proj_coeff=args.proj_coeff,
+                          vae_align_proj_coeff=args.vae_align_proj_coeff, max_grad_norm=args.max_grad_norm,
+                          freeze_vae=args.freeze_vae, diffusion_loss_to_vae=args.diffusion_loss_to_vae,
+                          log_latent_stats=args.log_latent_stats)
+        if not accelerator.sync_gradients:
+            continue  # accumulating: no optimization step yet
+        update_ema(ema, unwrap(nets.sit), args.ema_decay)
+        run.end_step()
 
-    for epoch in range(state["epoch"], args.epochs):
-        start_batch = start_epoch(sampler, dataloader, epoch, state)
-        for batch_in_epoch, (raw_image, labels) in enumerate(dataloader, start=start_batch):
-            if global_step >= args.max_train_steps:
-                break
-            raw_image, labels = raw_image.to(device), labels.to(device)
-            zs = encoder_features(encoders, encoder_types, raw_image, accelerator)
-            vae.train(not args.freeze_vae)
-            with accelerator.accumulate(model, vae, vae_loss_fn), accelerator.autocast():
-                # 1) VAE forward.
-                processed_image = preprocess_imgs_vae(raw_image)
-                with torch.set_grad_enabled(not args.freeze_vae):
-                    posterior, z, recon_image = vae(processed_image)
-
-                # 2) VAE step: regularizer + REPA alignment through the frozen SiT (running batch-norm statistics).
-                requires_grad(sit_trainable, False)
-                model.eval()
-                if args.freeze_vae:
-                    vae_align = model(x=z, y=labels, zs=zs, loss_kwargs=loss_kwargs, align_only=True)
-                else:
-                    vae_loss, vae_loss_dict = vae_loss_fn(processed_image, recon_image, posterior, global_step, "generator")
-                    vae_align = model(x=z, y=labels, zs=zs, loss_kwargs=loss_kwargs,
-                                      align_only=not args.diffusion_loss_to_vae)
-                    vae_loss = vae_loss.mean() + args.vae_align_proj_coeff * vae_align["proj_loss"].mean()
-                    if args.diffusion_loss_to_vae:
-                        vae_loss = vae_loss + vae_align["denoising_loss"].mean()
-                    grad_norm_vae = guarded_update(accelerator, vae_loss, vae.parameters(), optimizer_vae, guard,
-                                                   "VAE loss/gradient", args.max_grad_norm)
-
-                    # 3) Discriminator step on real images and detached reconstructions.
-                    d_loss, d_loss_dict = vae_loss_fn(processed_image, recon_image, posterior, global_step, "discriminator")
-                    grad_norm_disc = guarded_update(accelerator, d_loss, vae_loss_fn.parameters(), optimizer_loss_fn,
-                                                    guard, "discriminator loss/gradient", args.max_grad_norm)
-
-                # 4) SiT step on the detached latent with the same time and noise; batch-norm in training mode.
-                requires_grad(sit_trainable, True)
-                model.train()
-                sit_outputs = model(x=z.detach(), y=labels, zs=zs, loss_kwargs=loss_kwargs,
-                                    time_input=vae_align["time_input"], noises=vae_align["noises"])
-                sit_loss = sit_outputs["denoising_loss"].mean() + args.proj_coeff * sit_outputs["proj_loss"].mean()
-                grad_norm_sit = guarded_update(accelerator, sit_loss, model.parameters(), optimizer, guard,
-                                               "SiT loss/gradient", args.max_grad_norm)
-
-            if not accelerator.sync_gradients:
-                continue
-            # 5) EMA of the SiT, then bookkeeping for one optimization step.
-            update_ema(ema, unwrap(model), args.ema_decay)
-            global_step += 1
-            state = {"steps": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}
-            logs = {"sit_loss": sit_loss, "denoising_loss": sit_outputs["denoising_loss"].mean(),
-                    "proj_loss": sit_outputs["proj_loss"].mean(), "grad_norm_sit": grad_norm_sit,
-                    "vae_align_loss": vae_align["proj_loss"].mean()}
-            if not args.freeze_vae:
-                logs.update({"vae_loss": vae_loss, "grad_norm_vae": grad_norm_vae, "d_loss": d_loss,
-                             "grad_norm_disc": grad_norm_disc})
-                logs.update({k: v.mean() for k, v in vae_loss_dict.items() if k != "total_loss"})
-                logs.update({k: v.mean() for k, v in d_loss_dict.items() if k != "discriminator_loss"})
-            if args.log_latent_stats:
-                logs.update(latent_channel_stats(z))
-            finish_step(global_step, logs, state, args=args, accelerator=accelerator, exp_dir=exp_dir, logger=logger,
-                        progress_bar=progress_bar, modules=modules, optimizers=optimizers, guard=guard,
-                        vae=unwrap(vae), extra={"vae_loss_buffers": loss_buffers(unwrap(vae_loss_fn))})
-        if global_step >= args.max_train_steps:
-            break
-
-    finish_training(accelerator, logger, global_step, guard)
-    return state
+        if run.step % args.log_every == 0:
+            run.log(logs)
+        if run.step % args.checkpointing_steps == 0 or run.step == args.max_train_steps:
+            run.save_checkpoint(modules, optimizers, keep_last=args.keep_last_checkpoints,
+                                extra={"vae_loss_buffers": loss_buffers(unwrap(nets.vae_loss_fn))})
+        if run.step == 1 or run.step % args.sampling_steps == 0:
+            run.save_samples(sample_grid(ema, unwrap(nets.vae), accelerator, latent_shape=grid_latent_shape,
+                                         num_images=args.sample_batch_size, seed=args.seed,
+                                         path_type=args.path_type))
+    run.finish()
+    return run
 
 
 def parse_args(input_args=None):

@@ -3,7 +3,7 @@ import torch.nn as nn
 
 
 def init_weights(module):
-    """Published init: conv weights N(0, 0.02); batch-norm scales N(1, 0.02), shifts 0."""
+    """pix2pix init: conv weights N(0, 0.02); batch-norm scales N(1, 0.02), shifts 0."""
     if isinstance(module, nn.Conv2d):
         nn.init.normal_(module.weight, 0.0, 0.02)
     elif isinstance(module, nn.BatchNorm2d):

@@ -33,8 +33,8 @@ def build_lpips(pretrained_trunk=True) -> lpips.LPIPS:
 class PerceptualLoss(nn.Module):
     """Frozen LPIPS distance (B, 1, 1, 1) between image batches in [-1, 1]; always in eval mode.
 
-    scaling="published" maps the [-1, 1] inputs through 2x-1 once more before the VGG, as the
-    published code does (the released checkpoints were trained with it); "corrected" feeds them as they are.
+    scaling="published" maps the [-1, 1] inputs through 2x-1 once more before the VGG (the released
+    checkpoints were trained so); "corrected" feeds them as they are.
     """
 
     def __init__(self, scaling="published", pretrained_trunk=True):

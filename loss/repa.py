@@ -4,8 +4,8 @@
 def repa_loss(zs_tilde, zs, eps=1e-12):
     """Negative cosine similarity of projected SiT tokens and encoder tokens, mean over tokens, samples, encoders.
 
-    One batched expression per encoder (the published code loops over samples); the cosine is formed from the dot
-    product and the norms, so no normalized copies of the (B, T, D) features are materialized.
+    One batched expression per encoder; the cosine is formed from the dot product and the norms, so no normalized
+    copies of the (B, T, D) features are materialized.
     """
     losses = []
     for z_tilde, z in zip(zs_tilde, zs, strict=True):

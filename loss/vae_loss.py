@@ -1,6 +1,6 @@
 """VAE regularizer of REPA-E: L1/L2 + LPIPS + KL + PatchGAN (hinge, optional LeCam).
 
-Configured like the published code from configs/l1_lpips_kl_gan.yaml (keys under `losses`).
+Configured from configs/l1_lpips_kl_gan.yaml (keys under `losses`).
 """
 import torch
 import torch.nn as nn
@@ -22,7 +22,7 @@ def lecam_loss(real_mean, fake_mean, ema_real_mean, ema_fake_mean):
 
 
 class ReconstructionLoss_Single_Stage(nn.Module):
-    """The published VAE loss; owns the discriminator. Inputs and reconstructions are in [-1, 1]."""
+    """The REPA-E VAE loss; owns the discriminator. Inputs and reconstructions are in [-1, 1]."""
 
     def __init__(self, config, pretrained_lpips=True):
         super().__init__()
@@ -36,8 +36,8 @@ class ReconstructionLoss_Single_Stage(nn.Module):
         if cfg.reconstruction_loss not in ("l1", "l2"):
             raise ValueError(f"reconstruction_loss must be 'l1' or 'l2', got {cfg.reconstruction_loss!r}")
 
-        # Same parameters in the same order as published (logvar, discriminator, LPIPS net), so an
-        # optimizer over self.parameters() loads the published `opt_disc` state dicts.
+        # Parameters in the order logvar, discriminator, LPIPS net, so that an optimizer over self.parameters()
+        # loads the `opt_disc` state dicts of REPA-E checkpoints.
         self.discriminator = NLayerDiscriminator(input_nc=3, n_layers=3)
         self.perceptual_loss = PerceptualLoss(cfg.get("lpips_scaling", "published"), pretrained_lpips)
         self.logvar = nn.Parameter(torch.full((), float(cfg.get("logvar_init", 0.0))), requires_grad=False)
@@ -63,7 +63,7 @@ class ReconstructionLoss_Single_Stage(nn.Module):
         """mode "generator" -> (VAE loss, weighted terms); "discriminator" -> (D loss, logit stats)."""
         if mode not in ("generator", "discriminator"):
             raise ValueError(f"mode must be 'generator' or 'discriminator', got {mode!r}")
-        # The losses run in float32 even under mixed precision, as published.
+        # The losses run in float32 even under mixed precision.
         with torch.autocast(inputs.device.type, enabled=False):
             inputs, reconstructions = inputs.float().contiguous(), reconstructions.float().contiguous()
             if mode == "generator":
@@ -113,7 +113,7 @@ class ReconstructionLoss_Single_Stage(nn.Module):
             real_mean, fake_mean = logits_real.mean(), logits_fake.mean()
             lecam = self.lecam_weight * lecam_loss(
                 real_mean, fake_mean, self.ema_real_logits_mean, self.ema_fake_logits_mean)
-            with torch.no_grad():  # the EMAs move after the loss is computed, as published
+            with torch.no_grad():  # the EMAs move after the loss is computed from them
                 decay = self.lecam_ema_decay
                 self.ema_real_logits_mean.mul_(decay).add_((1.0 - decay) * real_mean)
                 self.ema_fake_logits_mean.mul_(decay).add_((1.0 - decay) * fake_mean)
@@ -127,5 +127,3 @@ class ReconstructionLoss_Single_Stage(nn.Module):
         )
         return loss, terms
 
-
-VAELoss = ReconstructionLoss_Single_Stage

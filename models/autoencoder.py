@@ -1,6 +1,6 @@
 """KL-regularized convolutional autoencoder (LDM layout) used as the REPA-E VAE.
 
-Layouts and state-dict keys follow the published checkpoints: f8d4 is the SD-VAE
+Module names and shapes are those of the released VAE checkpoints: f8d4 is the SD-VAE
 layout, f16d32 the IN-VAE / VA-VAE layout.
 """
 import torch
@@ -25,8 +25,7 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
-        # The published VAE always checkpoints its residual blocks to save memory in end-to-end training.
-        self.grad_checkpointing = True
+        self.grad_checkpointing = False
 
     def _forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -85,7 +84,7 @@ class Upsample(nn.Module):
 
 
 def _level(blocks, attns):
-    """One resolution level as a module with the published child names (block, attn, down/upsample)."""
+    """One resolution level as a module with the checkpoints' child names (block, attn, down/upsample)."""
     level = nn.Module()
     level.block = nn.ModuleList(blocks)
     level.attn = nn.ModuleList(attns)
@@ -185,16 +184,11 @@ class Decoder(nn.Module):
 class DiagonalGaussianDistribution:
     """Diagonal Gaussian posterior from moments (B, 2C, h, w): mean and log-variance halves."""
 
-    def __init__(self, parameters, deterministic=False):
-        self.parameters = parameters
-        self.mean, logvar = torch.chunk(parameters, 2, dim=1)
+    def __init__(self, moments):
+        self.mean, logvar = torch.chunk(moments, 2, dim=1)
         self.logvar = torch.clamp(logvar, -30.0, 20.0)
-        self.deterministic = deterministic
-        if deterministic:
-            self.std = self.var = torch.zeros_like(self.mean)
-        else:
-            self.std = torch.exp(0.5 * self.logvar)
-            self.var = torch.exp(self.logvar)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
 
     def sample(self):
         """Reparameterized draw mean + std * eps."""
@@ -206,8 +200,6 @@ class DiagonalGaussianDistribution:
 
     def kl(self):
         """KL(q || N(0, I)) per sample, summed over latent channels and positions."""
-        if self.deterministic:
-            return torch.zeros(self.mean.shape[0], dtype=self.mean.dtype, device=self.mean.device)
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
@@ -230,7 +222,7 @@ class AutoencoderKL(nn.Module):
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
 
     def set_grad_checkpointing(self, enabled=True):
-        """Turn activation checkpointing of the residual blocks on or off (on by default, as published)."""
+        """Turn activation checkpointing of the residual blocks on or off (off by default)."""
         for module in self.modules():
             if isinstance(module, ResnetBlock):
                 module.grad_checkpointing = enabled
@@ -273,5 +265,13 @@ def VAE_F16D32_Tiny(**kwargs):
 
 vae_models = {"f8d4": VAE_F8D4, "f16d32": VAE_F16D32, "f8d4-tiny": VAE_F8D4_Tiny, "f16d32-tiny": VAE_F16D32_Tiny}
 
-# (downsampling factor, latent channels) of each registered layout, without building it.
-vae_geometry = {"f8d4": (8, 4), "f16d32": (16, 32), "f8d4-tiny": (8, 4), "f16d32-tiny": (16, 32)}
+
+def vae_arch_of(state_dict):
+    """Registry name of the layout whose keys and shapes state_dict has exactly, or None (built on meta: free)."""
+    shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
+    for arch, build in vae_models.items():
+        with torch.device("meta"):
+            reference = build()
+        if shapes == {key: tuple(value.shape) for key, value in reference.state_dict().items()}:
+            return arch
+    return None

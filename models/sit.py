@@ -1,7 +1,7 @@
 """SiT (Scalable Interpolant Transformer) with the REPA-E training forward.
 
-Architecture and state-dict layout as published (DiT/SiT adaLN-Zero blocks, one projector MLP per
-representation encoder, an affine-free batch-norm that normalizes the raw VAE latents).
+DiT/SiT adaLN-Zero blocks, one projector MLP per representation encoder, an affine-free batch-norm that
+normalizes the raw VAE latents; module names and shapes are those of the REPA-E checkpoints.
 References: facebookresearch/DiT, willisma/SiT, sihyun-yu/REPA, End2End-Diffusion/REPA-E.
 """
 import functools
@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
-from loss.diffusion import interpolant, mean_flat, sample_time
 from loss.repa import repa_loss
+from models.interpolant import interpolant, mean_flat, sample_time
 
 
 def modulate(x, shift, scale):
@@ -59,7 +59,7 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t, dim, max_period=10000):
-        """Sinusoidal features (N, dim) of times t (N,), computed in float32 as published (checkpoints expect it)."""
+        """Sinusoidal features (N, dim) of times t (N,), computed in float32 (checkpoints expect it)."""
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
@@ -94,7 +94,7 @@ class SiTBlock(nn.Module):
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_attn=True):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        # norm_layer: older timm defaulted qk-norm to LayerNorm, which the published checkpoints use
+        # qk-norm as a LayerNorm (older timm's default): checkpoints trained with qk_norm hold its weight and bias
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm,
                               norm_layer=nn.LayerNorm)
         self.attn.fused_attn = fused_attn
@@ -133,7 +133,6 @@ class SiT(nn.Module):
         patch_size=2,
         in_channels=4,
         hidden_size=1152,
-        decoder_hidden_size=None,
         depth=28,
         num_heads=16,
         mlp_ratio=4.0,
@@ -145,13 +144,8 @@ class SiT(nn.Module):
         bn_momentum=0.1,
         qk_norm=False,
         fused_attn=True,
-        path_type=None,  # accepted from published call sites; the path is chosen per forward (loss_kwargs)
-        use_cfg=None,  # accepted from published call sites; label dropout follows class_dropout_prob
     ):
         super().__init__()
-        # The published final layer took a separate width (768 whatever the model), which broke SiT-S.
-        if decoder_hidden_size not in (None, hidden_size):
-            raise ValueError(f"decoder_hidden_size {decoder_hidden_size} must equal hidden_size {hidden_size}")
         if not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth {encoder_depth} must be in [1, depth={depth}]")
         self.in_channels = in_channels
@@ -206,19 +200,6 @@ class SiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
-    @torch.no_grad()
-    def init_bn(self, latents_scale, latents_bias):
-        """Set the latent normalizer so that it maps z to (z - bias) * scale (any shapes with C elements)."""
-        self.bn.running_mean.copy_(latents_bias.reshape(-1))
-        self.bn.running_var.copy_(latents_scale.reshape(-1).pow(-2))
-
-    def extract_latents_stats(self):
-        """The latent normalizer as {"latents_scale", "latents_bias"}, each (1, C, 1, 1)."""
-        return dict(
-            latents_scale=self.bn.running_var.rsqrt().detach().clone().view(1, -1, 1, 1),
-            latents_bias=self.bn.running_mean.detach().clone().view(1, -1, 1, 1),
-        )
-
     def unpatchify(self, x):
         """Tokens (N, T, p*p*C) -> latents (N, C, H, W)."""
         c, p = self.out_channels, self.patch_size
@@ -237,11 +218,10 @@ class SiT(nn.Module):
     def forward(self, x, y, zs, loss_kwargs, time_input=None, noises=None, align_only=False):
         """REPA-E losses for raw latents x (N, C, H, W), labels y (N,), encoder tokens zs (list of (N, T, D)).
 
-        loss_kwargs: path_type ("linear"|"cosine"), prediction ("v"), weighting ("uniform"|"lognormal"),
-        optionally align_only as in the published code. time_input (N,1,1,1) and noises (like x) are drawn when None.
+        loss_kwargs: path_type ("linear"|"cosine"), prediction ("v"), weighting ("uniform"|"lognormal").
+        time_input (N,1,1,1) and noises (like x) are drawn when None.
         align_only stops after block encoder_depth and returns only proj_loss, zs_tilde, time_input, noises.
         """
-        align_only = align_only or loss_kwargs.get("align_only", False)
         path_type = loss_kwargs.get("path_type", "linear")
         if loss_kwargs.get("prediction", "v") != "v":
             raise NotImplementedError(f"prediction {loss_kwargs['prediction']!r}: only 'v' is supported")
@@ -285,7 +265,7 @@ _SIZES = {
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "S": dict(depth=12, hidden_size=384, num_heads=6),
 }
-# Not published: a 4-block, 192-wide SiT for smoke runs, tests and the demo on a CPU.
+# A 4-block, 192-wide SiT for smoke runs, tests and the demo on a CPU.
 _SMOKE_SIZES = {"T": dict(depth=4, hidden_size=192, num_heads=3)}
 
 SiT_models = {

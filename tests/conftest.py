@@ -19,3 +19,15 @@ def _offline(monkeypatch):
     """Tests never reach the network: hub libraries run offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="module")
+def sit_fix():
+    """The SiT and sampler parity fixture (sit_tiny.pt)."""
+    return load_fixture("sit_tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def preprocess_fix():
+    """The preprocessing parity fixture (preprocess.pt): ADM crops and encoder inputs."""
+    return load_fixture("preprocess.pt")

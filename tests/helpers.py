@@ -5,7 +5,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import skimage.data
+import torch
 from PIL import Image
+
+from fixtures.fill import fill_
+from models.sit import SiT
+from utils.latents import set_batchnorm_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,5 +60,66 @@ def run_script(script, *args, nproc=1, env=None, check=True, timeout=600):
     result = subprocess.run([*launcher, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def assert_same_state(a, b, where=""):
+    """Nested state dicts / lists of tensors are exactly equal."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), f"{where} differs (max {(a.double() - b.double()).abs().max()})"
+    else:
+        assert a == b, where
+
+
+def first_state(optimizer_state):
+    """The state of the first parameter an optimizer holds state for."""
+    return next(iter(optimizer_state["state"].values()))
+
+
+def save_vae_file(path, vae, latents_stats):
+    """Write a VAE checkpoint NAME.pt with NAME-latents-stats.pt beside it; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(vae.state_dict(), path)
+    torch.save(latents_stats, path.with_name(path.stem + "-latents-stats.pt"))
+    return path
+
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+def make_photo_tree(root, photos=PHOTOS, classes=("n01", "n02")):
+    """Lossless PNG photos from scikit-image spread round-robin over class folders; returns {path: array}."""
+    arrays = {}
+    for i, name in enumerate(photos):
+        path = Path(root) / classes[i % len(classes)] / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays[path] = getattr(skimage.data, name)()
+        Image.fromarray(arrays[path]).save(path)
+    return arrays
+
+
+def assert_close_rel(actual, expected, rtol=1e-8):
+    """Same shape and dtype; max abs difference within rtol of the expected tensor's max magnitude."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * expected.abs().max().item(), f"max abs error {err:.3e}"
+
+
+def fixture_sit(fix):
+    """The parity fixture's tiny SiT (sit_tiny.pt) in float64 with fill_ weights and the fixture's normalizer."""
+    config = dict(fix["config"])
+    assert config.pop("decoder_hidden_size") == config["hidden_size"]  # our final layer always has the blocks' width
+    model = fill_(SiT(**config).double())
+    set_batchnorm_stats(model.bn, {"latents_scale": fix["latents_scale"], "latents_bias": fix["latents_bias"]})
+    return model

@@ -6,7 +6,7 @@ import torch
 
 from conftest import FIXTURES, load_fixture
 from fixtures.fill import fill_
-from models.autoencoder import AutoencoderKL, DiagonalGaussianDistribution, vae_models
+from models.autoencoder import AutoencoderKL, DiagonalGaussianDistribution, vae_arch_of, vae_models
 
 ARCHS = ["f8d4", "f16d32"]
 
@@ -91,20 +91,22 @@ def test_posterior_clamps_logvar_and_kl_formula():
     assert torch.equal(posterior.mode(), mean)
 
 
-def test_deterministic_posterior_has_no_spread():
-    moments = torch.randn(3, 8, 2, 2, dtype=torch.float64)
-    posterior = DiagonalGaussianDistribution(moments, deterministic=True)
-    assert torch.equal(posterior.std, torch.zeros_like(posterior.mean))
-    assert torch.equal(posterior.sample(), posterior.mean)
-    assert torch.equal(posterior.kl(), torch.zeros(3, dtype=torch.float64))
+def test_arch_of_state_dict():
+    for arch, build in vae_models.items():
+        with torch.device("meta"):
+            assert vae_arch_of(build().state_dict()) == arch
+    assert vae_arch_of(tiny_vae().state_dict()) is None
+    assert vae_arch_of({}) is None
 
 
-def test_grad_checkpointing_gives_same_gradients():
+def test_grad_checkpointing_off_by_default_and_same_gradients():
     vae = tiny_vae().train()
+    assert not any(getattr(m, "grad_checkpointing", False) for m in vae.modules())
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
     grads = []
     for enabled in (True, False):
         vae.set_grad_checkpointing(enabled)
+        assert all(m.grad_checkpointing == enabled for m in vae.modules() if hasattr(m, "grad_checkpointing"))
         vae.zero_grad()
         posterior, _, recon = vae(x, sample_posterior=False)
         (recon.square().mean() + posterior.kl().mean()).backward()

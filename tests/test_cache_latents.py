@@ -2,9 +2,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,10 +10,8 @@ import torch
 
 import cache_latents
 import preprocessing
-from test_preprocessing import make_photo_tree
-from utils.data import CustomH5Dataset, CustomINH5Dataset, latent_name
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import make_photo_tree, run_script
+from utils.data import ImageDataset, ImageLatentDataset, latent_name
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +44,12 @@ def test_refuses_to_overwrite(tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_a_direct_encode(images_dir):
     """torchrun with 2 gloo processes writes each image's mean and std once, in dataset order."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "cache_latents.py", "--vae-arch", "f8d4", "--vae-random-init", "--data-dir", str(images_dir),
-           "--output-dir", str(images_dir), "--vae-latents-name", "rnd", "--pproc-batch-size", "2",
-           "--num-workers", "1"]
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_script("cache_latents.py", "--vae-arch", "f8d4", "--vae-random-init", "--data-dir", images_dir,
+               "--output-dir", images_dir, "--vae-latents-name", "rnd", "--pproc-batch-size", 2, "--num-workers", 1,
+               nproc=2, timeout=300)
     assert sorted(os.listdir(images_dir)) == ["images.h5", "images_h5.json", "rnd.h5", "rnd_h5.json"]
 
-    images = CustomINH5Dataset(str(images_dir))
+    images = ImageDataset(str(images_dir))
     names = [latent_name(n) for n in images.filelist]
     assert json.loads((images_dir / "rnd_h5.json").read_text()) == names + ["dataset.json"]
     with h5py.File(images_dir / "rnd.h5", "r") as h5f:
@@ -74,7 +65,7 @@ def test_two_processes_match_a_direct_encode(images_dir):
     np.testing.assert_allclose(stored[:, :4], posterior.mean.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(stored[:, 4:], posterior.std.numpy(), rtol=1e-4, atol=1e-5)
 
-    pairs = CustomH5Dataset(str(images_dir), vae_latents_name="rnd")
+    pairs = ImageLatentDataset(str(images_dir), vae_latents_name="rnd")
     image, latent, label = pairs[4]
     assert torch.equal(image, images[4][0]) and label == images[4][1]
     np.testing.assert_array_equal(latent.numpy(), stored[4])
@@ -88,9 +79,8 @@ def test_failure_mid_run_leaves_no_output(images_dir, tmp_path):
     with h5py.File(tmp_path / "images.h5", "a") as h5f:
         del h5f["00000/img00000003.png"]
         h5f.create_dataset("00000/img00000003.png", data=np.array(b"not a png", dtype="S"))
-    cmd = [sys.executable, "cache_latents.py", "--vae-arch", "f8d4", "--vae-random-init", "--data-dir", str(tmp_path),
-           "--output-dir", str(tmp_path), "--vae-latents-name", "rnd", "--pproc-batch-size", "2", "--num-workers", "0"]
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    run = run_script("cache_latents.py", "--vae-arch", "f8d4", "--vae-random-init", "--data-dir", tmp_path,
+                     "--output-dir", tmp_path, "--vae-latents-name", "rnd", "--pproc-batch-size", 2,
+                     "--num-workers", 0, check=False, timeout=300)
     assert run.returncode != 0 and "UnidentifiedImageError" in run.stderr
     assert sorted(os.listdir(tmp_path)) == ["images.h5", "images_h5.json"]

@@ -10,9 +10,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 import preprocessing
-from test_preprocessing import make_photo_tree
-from utils.data import (CustomH5Dataset, CustomINH5Dataset, ImageDataset, ImageLatentDataset,
-                        ResumableDistributedSampler, latent_name, read_entry)
+from helpers import make_photo_tree
+from utils.data import ImageDataset, ImageLatentDataset, ResumableDistributedSampler, latent_name, read_entry
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
 
@@ -50,8 +49,7 @@ def test_latent_name():
 def test_image_dataset_items_and_lazy_open(data):
     """Items are (uint8 CHW image, int64 label) in file order; the file is not opened by the constructor."""
     data_dir, images, labels, _ = data
-    dataset = CustomINH5Dataset(str(data_dir))
-    assert ImageDataset is CustomINH5Dataset
+    dataset = ImageDataset(str(data_dir))
     assert dataset.h5._file is None
     assert len(dataset) == 5
     for i in range(5):
@@ -59,6 +57,14 @@ def test_image_dataset_items_and_lazy_open(data):
         assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
         assert label.dtype == torch.int64 and label.item() == labels[i]
         np.testing.assert_array_equal(image.numpy(), images[i])
+
+
+def test_image_size_from_the_first_image_header(data):
+    """Both datasets give the image resolution without opening a handle that DataLoader workers would inherit."""
+    data_dir = data[0]
+    images, pairs = ImageDataset(str(data_dir)), ImageLatentDataset(str(data_dir), vae_latents_name="lat")
+    assert images.image_size == pairs.image_size == (32, 32)
+    assert images.h5._file is None and pairs.images_h5._file is None
 
 
 def test_two_worker_dataloader_reads_everything(data):
@@ -77,9 +83,9 @@ def test_two_worker_dataloader_reads_everything(data):
 def test_missing_files_name_the_fix(tmp_path, data):
     """Missing images or latents raise FileNotFoundError naming the file and the script to run."""
     with pytest.raises(FileNotFoundError, match=r"images_h5\.json not found; run preprocessing\.py"):
-        CustomINH5Dataset(str(tmp_path))
+        ImageDataset(str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"nope_h5\.json not found; run cache_latents\.py"):
-        CustomH5Dataset(str(data[0]), vae_latents_name="nope")
+        ImageLatentDataset(str(data[0]), vae_latents_name="nope")
 
 
 def test_missing_label_is_reported(tmp_path):
@@ -94,7 +100,7 @@ def test_missing_label_is_reported(tmp_path):
         h5f.create_dataset("dataset.json", data=np.array(labels, dtype="S"))
     (tmp_path / "images_h5.json").write_text(json.dumps(["00000", *names, "dataset.json"]))
     with pytest.raises(ValueError, match=r"no label for 1 of 2 entries, first 00000/img00000001\.png"):
-        CustomINH5Dataset(str(tmp_path))
+        ImageDataset(str(tmp_path))
 
 
 def test_mismatched_image_and_latent_lists(tmp_path, data):
@@ -105,14 +111,14 @@ def test_mismatched_image_and_latent_lists(tmp_path, data):
     names = [latent_name(f"00000/img{i:08d}.png") for i in range(5)]
     write_latents(tmp_path, "short", latents[:4], [[n, 0] for n in names[:4]], names[:4])
     with pytest.raises(ValueError, match="lists 4 latents but images.h5 lists 5 images"):
-        CustomH5Dataset(str(tmp_path), vae_latents_name="short")
+        ImageLatentDataset(str(tmp_path), vae_latents_name="short")
     shifted = [latent_name(f"00000/img{i:08d}.png") for i in range(1, 6)]
     write_latents(tmp_path, "shifted", latents, [[n, 0] for n in shifted], shifted)
     with pytest.raises(ValueError, match=r"img-mean-std-00000001\.npy does not belong to image 00000/img00000000"):
-        CustomH5Dataset(str(tmp_path), vae_latents_name="shifted")
+        ImageLatentDataset(str(tmp_path), vae_latents_name="shifted")
     write_latents(tmp_path, "unlabelled", latents, [[n, 0] for n in names[1:]], names)
     with pytest.raises(ValueError, match=r"no label for 1 of 5 entries, first 00000/img-mean-std-00000000\.npy"):
-        CustomH5Dataset(str(tmp_path), vae_latents_name="unlabelled")
+        ImageLatentDataset(str(tmp_path), vae_latents_name="unlabelled")
 
 
 class _Sized:
@@ -148,7 +154,7 @@ def test_sampler_partitions_and_reshuffles():
 
 def test_sampler_resumes_mid_epoch(data):
     """start_index skips the batches already trained on; the DataLoader yields the rest of the same epoch."""
-    dataset = CustomINH5Dataset(str(data[0]))
+    dataset = ImageDataset(str(data[0]))
     sampler = ResumableDistributedSampler(dataset, num_replicas=1, rank=0, seed=3)
     sampler.set_epoch(4)
     full = [labels.tolist() for _, labels in DataLoader(dataset, batch_size=2, sampler=sampler)]

@@ -1,4 +1,7 @@
 """Encoders: published preprocessing, token shapes of every family, weight files in all formats, missing weights."""
+import ast
+from pathlib import Path
+
 import huggingface_hub
 import pytest
 import timm
@@ -6,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from conftest import load_fixture
-from models.encoders import (build_encoder, encoder_patch_tokens, load_encoders, preprocess_raw_image)
+from models.encoders import build_encoder, encoder_patch_tokens, preprocess_raw_image
+from utils.encoder_weights import load_encoders
 
 EMBED_DIMS = {
     "dinov2-vit-s": 384, "dinov2-vit-b": 768, "dinov2-vit-l": 1024, "dinov2-vit-g": 1536,
@@ -52,11 +55,12 @@ def to_official_dinov2(timm_state):
     return state
 
 
-@pytest.mark.parametrize("name", sorted(load_fixture("preprocess.pt")["encoder_inputs"]))
-def test_preprocess_matches_published(name):
-    fixture = load_fixture("preprocess.pt")
-    out = preprocess_raw_image(fixture["raw_uint8"], name.split("-")[0])
-    torch.testing.assert_close(out, fixture["encoder_inputs"][name], rtol=0, atol=1e-6)
+def test_preprocess_matches_published(preprocess_fix):
+    expected = preprocess_fix["encoder_inputs"]
+    assert sorted(expected) == ["clip-vit-L", "dinov1-vit-b", "dinov2-vit-b", "jepa-vit-h", "mae-vit-l", "mocov3-vit-b"]
+    for name, inputs in expected.items():
+        out = preprocess_raw_image(preprocess_fix["raw_uint8"], name.split("-")[0])
+        torch.testing.assert_close(out, inputs, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_preprocess_sizes_at_512():
@@ -187,3 +191,12 @@ def test_unsupported_names_rejected(enc_type):
 def test_checkpoint_count_must_match_encoders():
     with pytest.raises(ValueError, match="2 encoder checkpoint paths"):
         load_encoders("dinov2-vit-b", "meta", ckpt="a.pth,b.pth")
+
+
+def test_models_import_nothing_from_utils():
+    """models/ holds networks only: weight lookup and file handling live in utils/."""
+    for path in sorted((Path(__file__).resolve().parents[1] / "models").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        assert not [name for name in imported if name.split(".")[0] == "utils"], path.name

@@ -9,6 +9,7 @@ import generate
 import save_vae_weights
 from models.autoencoder import vae_models
 from models.sit import SiT
+from utils.diffusers_vae import export_diffusers_vae
 from utils.hub import DIFFUSERS_FILES, DIFFUSERS_STATS, HUB_DEFAULT_FILES, resolve_weights
 from utils.latents import load_vae
 
@@ -103,13 +104,12 @@ def test_existing_local_path_wins_and_other_paths_pass_through(hub_cache, tmp_pa
 
 
 def test_diffusers_repo_resolves_to_its_folder(hub_cache):
-    from utils.diffusers_vae import CONFIG_NAME, STATS_NAME, WEIGHTS_NAMES, export_diffusers_vae
-    assert (DIFFUSERS_FILES, DIFFUSERS_STATS) == ((CONFIG_NAME, WEIGHTS_NAMES[0]), STATS_NAME)
     vae = tiny_vae(0)
     add_repo(hub_cache, "REPA-E/test-vae-hf", {"config.json": lambda folder: export_diffusers_vae(
         vae, "f8d4-tiny", folder, latents_stats=stats(3.0))})
     path = resolve_weights("REPA-E/test-vae-hf", kind="vae")
     assert path == hub_cache / "models--REPA-E--test-vae-hf" / "snapshots" / COMMIT
+    assert all((path / name).is_file() for name in (*DIFFUSERS_FILES, DIFFUSERS_STATS))  # what the hub fetches
     loaded, loaded_stats = load_vae("f8d4-tiny", "REPA-E/test-vae-hf")
     assert_same_weights(loaded, vae)
     assert torch.allclose(loaded_stats["latents_scale"], stats(3.0)["latents_scale"])

@@ -2,9 +2,8 @@
 import io
 import json
 import os
+import stat
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -15,11 +14,9 @@ import skimage.data
 from PIL import Image
 
 import preprocessing
-from conftest import load_fixture
+from helpers import PHOTOS, make_photo_tree, run_script
 from preprocessing import center_crop_arr
-
-REPO = Path(__file__).resolve().parents[1]
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+from utils.files import current_umask
 
 
 def png16_rgb(arr):
@@ -29,17 +26,6 @@ def png16_rgb(arr):
     raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in arr)
     header = struct.pack(">IIBBBBB", arr.shape[1], arr.shape[0], 16, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-
-
-def make_photo_tree(root, photos=PHOTOS, classes=("n01", "n02")):
-    """Lossless PNG photos from scikit-image spread round-robin over class folders; returns {path: array}."""
-    arrays = {}
-    for i, name in enumerate(photos):
-        path = Path(root) / classes[i % len(classes)] / f"{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        arrays[path] = getattr(skimage.data, name)()
-        Image.fromarray(arrays[path]).save(path)
-    return arrays
 
 
 def make_messy_tree(root):
@@ -87,9 +73,9 @@ def read_png(h5f, name):
     return np.asarray(Image.open(io.BytesIO(h5f[name][()])))
 
 
-def test_center_crop_matches_published_fixture():
+def test_center_crop_matches_published_fixture(preprocess_fix):
     """ADM crop of the four scikit-image photos equals the published crops bit for bit."""
-    fixture = load_fixture("preprocess.pt")["center_crop_256"]
+    fixture = preprocess_fix["center_crop_256"]
     for name in PHOTOS:
         out = center_crop_arr(getattr(skimage.data, name)(), 256)
         assert out.shape == (256, 256, 3) and out.dtype == np.uint8
@@ -123,10 +109,10 @@ def test_published_layout_labels_and_crops(messy_run):
             np.testing.assert_array_equal(read_png(h5f, name), center_crop_arr(source, 256), err_msg=name)
 
 
-def test_fixture_photos_survive_the_whole_pipeline(messy_run):
+def test_fixture_photos_survive_the_whole_pipeline(messy_run, preprocess_fix):
     """Lossless sources come out of images.h5 equal to the published crops."""
     tmp = messy_run[0]
-    fixture = load_fixture("preprocess.pt")["center_crop_256"]
+    fixture = preprocess_fix["center_crop_256"]
     with h5py.File(tmp / "out/images.h5", "r") as h5f:
         np.testing.assert_array_equal(read_png(h5f, "00000/img00000000.png"), fixture["astronaut"].numpy())
         np.testing.assert_array_equal(read_png(h5f, "00000/img00000003.png"), fixture["coffee"].numpy())
@@ -212,12 +198,12 @@ def test_max_images_takes_the_first_files(tmp_path):
 def test_command_line(tmp_path):
     """The script runs from the shell and exits non-zero with a clear message when the output exists."""
     make_photo_tree(tmp_path / "src", photos=("chelsea", "coffee"))
-    cmd = [sys.executable, "preprocessing.py", "--imagenet-path", str(tmp_path / "src"),
-           "--output-path", str(tmp_path / "out"), "--num-workers", "2", "--resolution", "32"]
-    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr
+    args = ["--imagenet-path", tmp_path / "src", "--output-path", tmp_path / "out", "--num-workers", 2,
+            "--resolution", 32]
+    first = run_script("preprocessing.py", *args)
     assert "Wrote 2 images" in first.stdout
-    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert stat.S_IMODE((tmp_path / "out" / "images.h5").stat().st_mode) == 0o666 & ~current_umask()
+    second = run_script("preprocessing.py", *args, check=False)
     assert second.returncode == 1
     assert f"{tmp_path / 'out' / 'images.h5'} already exists" in second.stderr
 

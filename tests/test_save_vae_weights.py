@@ -1,22 +1,17 @@
 """save_vae_weights.py: published outputs, statistics from the EMA batch-norm, overwrite guard, diffusers export."""
 import argparse
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import save_vae_weights
 from fixtures.fill import fill_
+from helpers import run_script
 from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
 from models.sit import SiT
 from utils.checkpoint import load_file, load_state_dict_strict
 from utils.latents import load_vae
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +32,9 @@ def repae_ckpt(tmp_path_factory):
 
 @pytest.mark.slow
 def test_published_command_line_outputs(repae_ckpt, tmp_path):
-    path, checkpoint, sit = repae_ckpt
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(REPO / "save_vae_weights.py"), "--repae-ckpt", str(path),
-                             "--vae-name", "e2e-tiny", "--save-dir", str(tmp_path / "exps")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    path, checkpoint, _ = repae_ckpt
+    run_script("save_vae_weights.py", "--repae-ckpt", path, "--vae-name", "e2e-tiny", "--save-dir", tmp_path / "exps",
+               env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
     out = tmp_path / "exps" / "e2e-tiny"
     assert sorted(p.name for p in out.iterdir()) == [
         "e2e-tiny-discriminator-ckpt.pt", "e2e-tiny-latents-stats.pt", "e2e-tiny.pt"]
@@ -58,9 +50,6 @@ def test_published_command_line_outputs(repae_ckpt, tmp_path):
     assert stats["latents_scale"].shape == stats["latents_bias"].shape == (1, 4, 1, 1)
     torch.testing.assert_close(stats["latents_scale"].flatten(), running_var.rsqrt(), rtol=0, atol=0)
     torch.testing.assert_close(stats["latents_bias"].flatten(), running_mean, rtol=0, atol=0)
-    # the same numbers as the sampler's view of the EMA model
-    for key, value in sit.extract_latents_stats().items():
-        torch.testing.assert_close(stats[key], value, rtol=0, atol=0)
 
     load_state_dict_strict(NLayerDiscriminator(), load_file(out / "e2e-tiny-discriminator-ckpt.pt"), "discriminator")
 

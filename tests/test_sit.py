@@ -9,36 +9,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FIXTURES, load_fixture
-from fixtures.fill import fill_
 
-from loss.diffusion import interpolant, lognormal_time, mean_flat, sample_time
+from conftest import FIXTURES
+from helpers import assert_close_rel, fixture_sit
 from loss.repa import repa_loss
+from models.interpolant import interpolant, lognormal_time, mean_flat, sample_time
 from models.sit import SiT, SiT_models
 
-FIX = load_fixture("sit_tiny.pt")
 LOSS_KWARGS = dict(prediction="v", weighting="uniform")
 
 
-def assert_close(actual, expected, rtol=1e-8):
-    """Max abs difference within rtol of the expected tensor's max magnitude."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    err = (actual - expected).abs().max().item()
-    assert err <= rtol * expected.abs().max().item(), f"max abs error {err:.3e}"
-
-
-def tiny_sit():
-    """The fixture's tiny SiT in float64 with fill_ weights and the fixture's latent normalizer."""
-    model = SiT(**FIX["config"]).double()
-    fill_(model)
-    model.init_bn(FIX["latents_scale"], FIX["latents_bias"])
-    return model
-
-
-def run(model, path_type, **kw):
+def run(model, fix, path_type, **kw):
     """Training forward on the fixture batch with its fixed times and noises."""
-    return model(FIX["x"], FIX["y"], FIX["zs"], dict(LOSS_KWARGS, path_type=path_type),
-                 time_input=FIX["time_input"], noises=FIX["noises"], **kw)
+    return model(fix["x"], fix["y"], fix["zs"], dict(LOSS_KWARGS, path_type=path_type),
+                 time_input=fix["time_input"], noises=fix["noises"], **kw)
 
 
 # ---------------------------------------------------------------- layouts
@@ -78,7 +62,7 @@ def test_small_configs_build_and_run(name):
     """SiT-S failed in the published code (final layer fixed at width 768); all sizes now run."""
     torch.manual_seed(0)
     model = SiT_models[name](input_size=8, in_channels=4, z_dims=[16], projector_dim=32, encoder_depth=2,
-                             num_classes=10, fused_attn=True, path_type="linear", use_cfg=True)
+                             num_classes=10, fused_attn=True)
     x, y, zs = torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), [torch.randn(2, 64 // model.patch_size ** 2, 16)]
     out = model(x, y, zs, dict(LOSS_KWARGS, path_type="linear"))
     assert out["denoising_loss"].shape == (2,) and out["model_output"].shape == x.shape
@@ -87,10 +71,9 @@ def test_small_configs_build_and_run(name):
     assert model.blocks[0].attn.qkv.weight.grad is not None
 
 
-def test_decoder_hidden_size_must_match():
-    SiT(input_size=8, hidden_size=64, decoder_hidden_size=64, depth=2, num_heads=4, encoder_depth=1)
-    with pytest.raises(ValueError, match="decoder_hidden_size"):
-        SiT(input_size=8, hidden_size=64, decoder_hidden_size=768, depth=2, num_heads=4, encoder_depth=1)
+def test_encoder_depth_must_be_a_block():
+    with pytest.raises(ValueError, match="encoder_depth"):
+        SiT(input_size=8, hidden_size=64, depth=2, num_heads=4, encoder_depth=0)
     with pytest.raises(ValueError, match="encoder_depth"):
         SiT(input_size=8, hidden_size=64, depth=2, num_heads=4, encoder_depth=3)
 
@@ -101,7 +84,7 @@ def test_qk_norm_adds_layernorm_keys():
     assert "blocks.0.attn.k_norm.bias" in model.state_dict()
 
 
-def test_initialization_as_published():
+def test_dit_initialization():
     torch.manual_seed(0)
     model = SiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, encoder_depth=1)
     assert torch.count_nonzero(model.final_layer.linear.weight) == 0
@@ -118,65 +101,62 @@ def test_initialization_as_published():
 # ---------------------------------------------------------------- parity with the published forward
 
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
-def test_align_only_matches_published(path_type):
-    model = tiny_sit().eval()
-    out = run(model, path_type, align_only=True)
+def test_align_only_matches_published(sit_fix, path_type):
+    out = run(fixture_sit(sit_fix).eval(), sit_fix, path_type, align_only=True)
     assert set(out) == {"proj_loss", "zs_tilde", "time_input", "noises"}
-    torch.testing.assert_close(out["proj_loss"], FIX[f"align_only_{path_type}_proj_loss"], rtol=1e-8, atol=1e-10)
-    for got, want in zip(out["zs_tilde"], FIX[f"align_only_{path_type}_zs_tilde"], strict=True):
-        assert_close(got, want)
-    # the published flag inside loss_kwargs works the same way
-    out2 = model(FIX["x"], FIX["y"], FIX["zs"], dict(LOSS_KWARGS, path_type=path_type, align_only=True),
-                 time_input=FIX["time_input"], noises=FIX["noises"])
-    assert set(out2) == set(out) and torch.equal(out2["proj_loss"], out["proj_loss"])
+    torch.testing.assert_close(out["proj_loss"], sit_fix[f"align_only_{path_type}_proj_loss"], rtol=1e-8, atol=1e-10)
+    for got, want in zip(out["zs_tilde"], sit_fix[f"align_only_{path_type}_zs_tilde"], strict=True):
+        assert_close_rel(got, want)
 
 
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
-def test_train_bn_pass_matches_published(path_type):
-    model = tiny_sit().train()
+def test_train_bn_pass_matches_published(sit_fix, path_type):
+    model = fixture_sit(sit_fix).train()
     model.y_embedder.eval()  # no random label drop
-    out = run(model, path_type)
+    out = run(model, sit_fix, path_type)
     assert {"denoising_loss", "proj_loss", "model_output", "zs_tilde", "time_input", "noises"} <= set(out)
-    assert_close(out["denoising_loss"], FIX[f"train_bn_{path_type}_denoising_loss"])
-    torch.testing.assert_close(out["proj_loss"], FIX[f"train_bn_{path_type}_proj_loss"], rtol=1e-8, atol=1e-10)
-    assert_close(out["model_output"], FIX[f"train_bn_{path_type}_model_output"])
+    assert_close_rel(out["denoising_loss"], sit_fix[f"train_bn_{path_type}_denoising_loss"])
+    torch.testing.assert_close(out["proj_loss"], sit_fix[f"train_bn_{path_type}_proj_loss"], rtol=1e-8, atol=1e-10)
+    assert_close_rel(out["model_output"], sit_fix[f"train_bn_{path_type}_model_output"])
     # running statistics moved with momentum 0.1 from the fixture's values
-    assert_close(model.bn.running_mean, FIX[f"train_bn_{path_type}_bn_running_mean"], rtol=1e-12)
-    assert_close(model.bn.running_var, FIX[f"train_bn_{path_type}_bn_running_var"], rtol=1e-12)
+    assert_close_rel(model.bn.running_mean, sit_fix[f"train_bn_{path_type}_bn_running_mean"], rtol=1e-12)
+    assert_close_rel(model.bn.running_var, sit_fix[f"train_bn_{path_type}_bn_running_var"], rtol=1e-12)
 
 
-def test_inference_matches_published():
-    model = tiny_sit().eval()
-    assert_close(model.inference(FIX["inference_x"], FIX["inference_t"], FIX["inference_y"]), FIX["inference_out"])
+def test_inference_matches_published(sit_fix):
+    model = fixture_sit(sit_fix).eval()
+    out = model.inference(sit_fix["inference_x"], sit_fix["inference_t"], sit_fix["inference_y"])
+    assert_close_rel(out, sit_fix["inference_out"])
 
 
-def test_eval_forward_uses_running_stats_and_denoising_loss_is_mse():
-    model = tiny_sit().eval()
-    out = run(model, "linear")
-    # eval batch-norm: (z - bias) / sqrt(1 / scale^2 + eps), eps = 1e-4 as published
-    var = FIX["latents_scale"].pow(-2).view(1, -1, 1, 1)
-    x = (FIX["x"] - FIX["latents_bias"].view(1, -1, 1, 1)) / torch.sqrt(var + 1e-4)
-    t = FIX["time_input"]
-    x_t = (1 - t) * x + t * FIX["noises"]
-    torch.testing.assert_close(model.inference(x_t, t.flatten(), FIX["y"]), out["model_output"])
-    torch.testing.assert_close(out["denoising_loss"], mean_flat((out["model_output"] - (FIX["noises"] - x)) ** 2))
-    assert torch.equal(out["time_input"], FIX["time_input"]) and torch.equal(out["noises"], FIX["noises"])
+def test_eval_forward_uses_running_stats_and_denoising_loss_is_mse(sit_fix):
+    model = fixture_sit(sit_fix).eval()
+    out = run(model, sit_fix, "linear")
+    # eval batch-norm: (z - bias) / sqrt(1 / scale^2 + eps), eps = 1e-4
+    var = sit_fix["latents_scale"].pow(-2).view(1, -1, 1, 1)
+    x = (sit_fix["x"] - sit_fix["latents_bias"].view(1, -1, 1, 1)) / torch.sqrt(var + 1e-4)
+    t, noises = sit_fix["time_input"], sit_fix["noises"]
+    x_t = (1 - t) * x + t * noises
+    torch.testing.assert_close(model.inference(x_t, t.flatten(), sit_fix["y"]), out["model_output"])
+    torch.testing.assert_close(out["denoising_loss"], mean_flat((out["model_output"] - (noises - x)) ** 2))
+    assert torch.equal(out["time_input"], t) and torch.equal(out["noises"], noises)
 
 
-def test_forward_draws_time_and_noise_when_missing():
-    model = tiny_sit().eval()
+def test_forward_draws_time_and_noise_when_missing(sit_fix):
+    model = fixture_sit(sit_fix).eval()
+    x, y, zs = sit_fix["x"], sit_fix["y"], sit_fix["zs"]
     torch.manual_seed(0)
-    out = model(FIX["x"], FIX["y"], FIX["zs"], dict(LOSS_KWARGS, path_type="cosine", weighting="lognormal"))
+    out = model(x, y, zs, dict(LOSS_KWARGS, path_type="cosine", weighting="lognormal"))
     torch.manual_seed(0)
     expected_t = lognormal_time(torch.randn(3, 1, 1, 1), "cosine").double()
     torch.testing.assert_close(out["time_input"], expected_t)
-    assert out["noises"].shape == FIX["x"].shape and out["noises"].dtype == torch.float64
+    assert out["noises"].shape == x.shape and out["noises"].dtype == torch.float64
     with pytest.raises(NotImplementedError):
-        model(FIX["x"], FIX["y"], FIX["zs"], dict(LOSS_KWARGS, path_type="linear", prediction="eps"))
+        model(x, y, zs, dict(LOSS_KWARGS, path_type="linear", prediction="eps"))
 
 
-def test_label_drop_in_training_uses_null_class():
-    model = tiny_sit()
+def test_label_drop_in_training_uses_null_class(sit_fix):
+    model = fixture_sit(sit_fix)
     table = model.y_embedder.embedding_table.weight
     labels = torch.tensor([1, 2, 3, 4])
     model.y_embedder.dropout_prob = 1.0
@@ -187,29 +167,19 @@ def test_label_drop_in_training_uses_null_class():
     assert table.shape[0] == 11 and model.num_classes == 10
 
 
-def test_latent_stats_roundtrip():
-    model = tiny_sit()
-    stats = model.extract_latents_stats()
-    assert stats["latents_scale"].shape == (1, 4, 1, 1) and stats["latents_bias"].shape == (1, 4, 1, 1)
-    torch.testing.assert_close(stats["latents_scale"].flatten(), FIX["latents_scale"])
-    torch.testing.assert_close(stats["latents_bias"].flatten(), FIX["latents_bias"])
-    other = tiny_sit()
-    other.init_bn(stats["latents_scale"] * 2, stats["latents_bias"] + 1)
-    torch.testing.assert_close(other.bn.running_var, FIX["latents_scale"].pow(-2) / 4)
-    torch.testing.assert_close(other.bn.running_mean, FIX["latents_bias"] + 1)
-
-
 # ---------------------------------------------------------------- loss pieces
 
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
-def test_interpolant_rows_match_published(path_type):
-    rows = torch.stack([torch.as_tensor(r).expand_as(FIX["interp_t"]) for r in interpolant(FIX["interp_t"], path_type)])
-    assert_close(rows, FIX[f"interp_{path_type}"], rtol=1e-14)
+def test_interpolant_rows_match_published(sit_fix, path_type):
+    t = sit_fix["interp_t"]
+    rows = torch.stack([torch.as_tensor(r).expand_as(t) for r in interpolant(t, path_type)])
+    assert_close_rel(rows, sit_fix[f"interp_{path_type}"], rtol=1e-14)
 
 
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
-def test_lognormal_time_map_matches_published(path_type):
-    assert_close(lognormal_time(FIX["lognormal_rnd_normal"], path_type), FIX[f"lognormal_t_{path_type}"], rtol=1e-14)
+def test_lognormal_time_map_matches_published(sit_fix, path_type):
+    t = lognormal_time(sit_fix["lognormal_rnd_normal"], path_type)
+    assert_close_rel(t, sit_fix[f"lognormal_t_{path_type}"], rtol=1e-14)
 
 
 def test_sample_time_shapes_and_errors():
@@ -233,8 +203,8 @@ def test_cosine_interpolant_derivatives():
 
 def test_repa_loss_equals_per_sample_loop():
     g = torch.Generator().manual_seed(0)
-    zs_tilde = [torch.randn(3, 5, 8, generator=g, dtype=torch.float64), torch.randn(3, 5, 4, generator=g, dtype=torch.float64)]
-    zs = [torch.randn(3, 5, 8, generator=g, dtype=torch.float64), torch.randn(3, 5, 4, generator=g, dtype=torch.float64)]
+    zs_tilde = [torch.randn(3, 5, d, generator=g, dtype=torch.float64) for d in (8, 4)]
+    zs = [torch.randn(3, 5, d, generator=g, dtype=torch.float64) for d in (8, 4)]
     expected = 0.0
     for z, z_tilde in zip(zs, zs_tilde):
         for z_j, z_tilde_j in zip(z, z_tilde):

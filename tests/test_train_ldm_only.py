@@ -2,11 +2,10 @@
 import pytest
 import torch
 
-from helpers import make_dataset, run_script, tiny_training_flags
+from helpers import assert_same_state, make_dataset, run_script, save_vae_file, tiny_training_flags
 from models.autoencoder import vae_models
 from models.sit import SiT_models
 from utils.checkpoint import load_file
-from test_train_repae import assert_same_state
 
 pytestmark = pytest.mark.slow
 
@@ -17,11 +16,9 @@ def cached(tmp_path_factory):
     root = tmp_path_factory.mktemp("ldm")
     data = make_dataset(root)
     torch.manual_seed(0)
-    vae_path = root / "tiny" / "tiny.pt"
-    vae_path.parent.mkdir()
-    torch.save(vae_models["f8d4-tiny"]().state_dict(), vae_path)
-    torch.save({"latents_scale": torch.full((1, 4, 1, 1), 2.0), "latents_bias": torch.full((1, 4, 1, 1), 0.1)},
-               root / "tiny" / "tiny-latents-stats.pt")
+    vae_path = save_vae_file(root / "tiny" / "tiny.pt", vae_models["f8d4-tiny"](),
+                             {"latents_scale": torch.full((1, 4, 1, 1), 2.0),
+                              "latents_bias": torch.full((1, 4, 1, 1), 0.1)})
     run_script("cache_latents.py", "--vae-arch", "f8d4-tiny", "--vae-ckpt-path", vae_path, "--vae-latents-name",
                "tiny", "--data-dir", data, "--output-dir", data, "--pproc-batch-size", 8, "--num-workers", 0)
     return data, vae_path
@@ -34,23 +31,32 @@ def train(cached, out, name, *extra, **overrides):
     return run_script("train_ldm_only.py", *tiny_training_flags(data, out, name, **flags), *extra)
 
 
-def test_ldm_only_trains_with_fixed_normalizer(cached, tmp_path):
-    train(cached, tmp_path, "ldm", **{"--sampling-steps": 2})
-    ckpt = load_file(tmp_path / "ldm" / "checkpoints" / "0000004.pt")
+@pytest.fixture(scope="module")
+def straight(cached, tmp_path_factory):
+    """A finished 6-step run with checkpoints at 3 and 6; returns its experiment folder."""
+    out = tmp_path_factory.mktemp("ldm_straight")
+    train(cached, out, "straight", **{"--max-train-steps": 6, "--checkpointing-steps": 3, "--sampling-steps": 3})
+    return out / "straight"
+
+
+def test_ldm_only_trains_with_fixed_normalizer(straight):
+    ckpt = load_file(straight / "checkpoints" / "0000006.pt")
     assert {"model", "ema", "opt", "args", "steps"} <= ckpt.keys() and "vae" not in ckpt
+    assert ckpt["steps"] == 6 and next(iter(ckpt["opt"]["state"].values()))["step"] == 6
     # The normalizer keeps the VAE's statistics: running_var = 1 / scale^2, running_mean = bias.
-    torch.testing.assert_close(ckpt["model"]["bn.running_var"], torch.full((4,), 0.25))
-    torch.testing.assert_close(ckpt["model"]["bn.running_mean"], torch.full((4,), 0.1))
+    for state in (ckpt["model"], ckpt["ema"]):
+        torch.testing.assert_close(state["bn.running_var"], torch.full((4,), 0.25))
+        torch.testing.assert_close(state["bn.running_mean"], torch.full((4,), 0.1))
     SiT_models["SiT-T/2"](input_size=4, in_channels=4, num_classes=2, z_dims=[384],
                           encoder_depth=2).load_state_dict(ckpt["ema"], strict=True)
-    assert (tmp_path / "ldm" / "samples" / "0000002.png").is_file()
+    assert sorted(p.name for p in (straight / "samples").iterdir()) == ["0000001.png", "0000003.png", "0000006.png"]
 
 
-def test_ldm_only_resume_is_exact(cached, tmp_path):
-    train(cached, tmp_path, "straight", **{"--max-train-steps": 6, "--checkpointing-steps": 3})
-    train(cached, tmp_path, "stopped", **{"--max-train-steps": 3, "--checkpointing-steps": 3})
-    train(cached, tmp_path, "stopped", "--resume-latest", **{"--max-train-steps": 6, "--checkpointing-steps": 3})
-    straight = load_file(tmp_path / "straight" / "checkpoints" / "0000006.pt")
+def test_ldm_only_resume_is_exact(cached, straight, tmp_path):
+    train(cached, tmp_path, "stopped", **{"--max-train-steps": 3, "--checkpointing-steps": 3, "--sampling-steps": 3})
+    train(cached, tmp_path, "stopped", "--resume-latest", **{"--max-train-steps": 6, "--checkpointing-steps": 3,
+                                                             "--sampling-steps": 3})
+    reference = load_file(straight / "checkpoints" / "0000006.pt")
     again = load_file(tmp_path / "stopped" / "checkpoints" / "0000006.pt")
     for key in ("model", "ema", "opt", "rng", "data"):
-        assert_same_state(straight[key], again[key], key)
+        assert_same_state(reference[key], again[key], key)

@@ -1,23 +1,40 @@
-"""End-to-end runs of train_repae.py on a tiny CPU configuration."""
+"""train_repae.py on a tiny CPU configuration: the step in process, end-to-end runs as subprocesses.
+
+Expensive runs are shared: `base` (6 steps, checkpoints at 3 and 6) serves the layout, resume and published-resume
+tests; `ddp` (2 gloo processes) serves the batch-norm and two-process resume tests.
+"""
+import copy
 import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import make_dataset, run_script, tiny_training_flags
+import train_repae
+from helpers import (
+    assert_same_state,
+    first_state,
+    make_dataset,
+    run_script,
+    save_vae_file,
+    tiny_training_flags,
+)
 from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
 from models.sit import SiT_models
 from utils.checkpoint import load_file
+from utils.guard import NonFiniteGuard
+from utils.training import make_accelerator
 
 pytestmark = pytest.mark.slow
 
 LPIPS = ["--lpips-random-init"]
+STATS = {"latents_scale": torch.full((1, 4, 1, 1), 2.0), "latents_bias": torch.full((1, 4, 1, 1), 0.1)}
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """A 16-image, 2-class dataset at 32 px."""
+    """A 16-image, 2-class dataset at 32 px: 4 batches of 4 per epoch."""
     return make_dataset(tmp_path_factory.mktemp("repae_data"))
 
 
@@ -27,41 +44,48 @@ def train(data_dir, out, name, *extra, nproc=1, check=True, env=None, **override
     return run_script("train_repae.py", *args, nproc=nproc, check=check, env=env)
 
 
-def assert_same_state(a, b, where=""):
-    """Nested state dicts / lists of tensors are exactly equal."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same_state(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    elif torch.is_tensor(a):
-        assert torch.equal(a, b), f"{where} differs (max {(a.double() - b.double()).abs().max()})"
-    else:
-        assert a == b, where
+@pytest.fixture(scope="module")
+def base(data_dir, tmp_path_factory):
+    """A finished 6-step run: checkpoints at 3 and 6, sample grids at 1, 3 and 6; returns (out dir, result)."""
+    out = tmp_path_factory.mktemp("base")
+    result = train(data_dir, out, "base", **{"--max-train-steps": 6, "--checkpointing-steps": 3,
+                                             "--sampling-steps": 3})
+    return out, result
 
 
-def first_state(optimizer_state):
-    """The state of the first parameter an optimizer holds state for."""
-    return next(iter(optimizer_state["state"].values()))
+@pytest.fixture(scope="module")
+def deterministic_vae(tmp_path_factory):
+    """A tiny VAE whose posterior std is exp(-15): its latents are (almost) a function of the image."""
+    torch.manual_seed(0)
+    vae = vae_models["f8d4-tiny"]()
+    with torch.no_grad():
+        logvar = slice(4, 8)  # moments are mean channels then log-variance channels
+        vae.quant_conv.weight[logvar] = 0.0
+        vae.quant_conv.bias[logvar] = -40.0  # clamped to -30: no gradient reaches it
+    return save_vae_file(tmp_path_factory.mktemp("vae") / "det.pt", vae, STATS)
 
 
-def test_short_run_writes_published_layout(data_dir, tmp_path):
-    result = train(data_dir, tmp_path, "run", **{"--sampling-steps": 2})
-    exp = tmp_path / "run"
+@pytest.fixture(scope="module")
+def ddp(data_dir, deterministic_vae, tmp_path_factory):
+    """4 steps on 2 gloo processes with a checkpoint every step; returns the out dir."""
+    out = tmp_path_factory.mktemp("ddp")
+    train(data_dir, out, "straight", nproc=2, **{"--vae-ckpt": deterministic_vae, "--max-train-steps": 4,
+                                                 "--checkpointing-steps": 1, "--sampling-steps": 2})
+    return out
+
+
+def test_short_run_writes_published_layout(base):
+    out, result = base
+    exp = out / "base"
     args = json.loads((exp / "args.json").read_text())
     assert args["model"] == "SiT-T/2" and args["vae_align_proj_coeff"] == 1.5 and args["enc_type"] == "dinov2-vit-s"
     assert "Saved checkpoint" in (exp / "log.txt").read_text()
-    assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["0000002.pt", "0000004.pt"]
-    for step in (1, 2, 4):  # step 1 and every --sampling-steps
-        grid = (exp / "samples" / f"{step:07d}.png")
-        assert grid.is_file()
+    assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["0000003.pt", "0000006.pt"]
+    assert sorted(p.name for p in (exp / "samples").iterdir()) == ["0000001.png", "0000003.png", "0000006.png"]
 
-    ckpt = load_file(exp / "checkpoints" / "0000004.pt")
+    ckpt = load_file(exp / "checkpoints" / "0000006.pt")
     assert {"model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "args", "steps"} <= ckpt.keys()
-    assert ckpt["steps"] == 4 and ckpt["args"].model == "SiT-T/2"
+    assert ckpt["steps"] == 6 and ckpt["args"].model == "SiT-T/2"
     sit = SiT_models["SiT-T/2"](input_size=4, in_channels=4, num_classes=2, z_dims=[384], encoder_depth=2)
     assert torch.equal(ckpt["model"]["pos_embed"], sit.pos_embed)  # the sin-cos embedding stays fixed
     sit.load_state_dict(ckpt["ema"], strict=True)
@@ -69,93 +93,134 @@ def test_short_run_writes_published_layout(data_dir, tmp_path):
     vae_models["f8d4-tiny"]().load_state_dict(ckpt["vae"], strict=True)
     NLayerDiscriminator().load_state_dict(ckpt["discriminator"], strict=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-    # The EMA has moved away from the initial weights but not as far as the model.
+    # Every optimizer took 6 steps; the EMA has moved, but less than the model.
+    assert all(first_state(ckpt[key])["step"] == 6 for key in ("opt", "opt_vae", "opt_disc"))
     assert not torch.equal(ckpt["ema"]["blocks.0.attn.qkv.weight"], ckpt["model"]["blocks.0.attn.qkv.weight"])
+    # 16 images in batches of 4: step 6 is batch 2 of epoch 1.
+    assert ckpt["data"] == {"epoch": 1, "batch_in_epoch": 2, "layout": [1, 4]}
     assert "sit_loss=" in result.stderr  # progress bar with the main losses
 
 
-def test_resume_reaches_the_same_weights(data_dir, tmp_path):
-    # 16 images, batch 4: steps 1-4 are epoch 0 and 5-6 epoch 1, so the resume crosses an epoch boundary.
-    train(data_dir, tmp_path, "straight", **{"--max-train-steps": 6, "--checkpointing-steps": 3})
-    train(data_dir, tmp_path, "stopped", **{"--max-train-steps": 3, "--checkpointing-steps": 3})
-    resumed = train(data_dir, tmp_path, "stopped", "--resume-latest", **{"--max-train-steps": 6, "--checkpointing-steps": 3})
-    assert "Resumed from" in resumed.stderr + resumed.stdout + (tmp_path / "stopped" / "log.txt").read_text()
-
-    straight = load_file(tmp_path / "straight" / "checkpoints" / "0000006.pt")
+def test_resume_reaches_the_same_weights(data_dir, base, tmp_path):
+    # Stopped after step 3 (epoch 0) and resumed to step 6 (epoch 1): the resume crosses an epoch boundary.
+    train(data_dir, tmp_path, "stopped", **{"--max-train-steps": 3, "--checkpointing-steps": 3,
+                                            "--sampling-steps": 3})
+    train(data_dir, tmp_path, "stopped", "--resume-latest", **{"--max-train-steps": 6, "--checkpointing-steps": 3,
+                                                               "--sampling-steps": 3})
+    assert "Resumed from" in (tmp_path / "stopped" / "log.txt").read_text()
+    straight = load_file(base[0] / "base" / "checkpoints" / "0000006.pt")
     again = load_file(tmp_path / "stopped" / "checkpoints" / "0000006.pt")
-    for key in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "rng", "data"):
+    for key in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "rng", "data", "guard"):
         assert_same_state(straight[key], again[key], key)
 
 
-def test_published_resume_flags(data_dir, tmp_path):
-    train(data_dir, tmp_path, "first", **{"--max-train-steps": 2})
-    train(data_dir, tmp_path, "second", **{"--max-train-steps": 3, "--resume-step": 2,
-                                          "--continue-train-exp-dir": tmp_path / "first"})
-    assert load_file(tmp_path / "second" / "checkpoints" / "0000003.pt")["steps"] == 3
+def test_published_resume_flags(data_dir, base, tmp_path):
+    first = base[0] / "base"
+    train(data_dir, tmp_path, "second", **{"--max-train-steps": 4, "--resume-step": 3,
+                                          "--continue-train-exp-dir": first})
+    assert load_file(tmp_path / "second" / "checkpoints" / "0000004.pt")["steps"] == 4
     missing = train(data_dir, tmp_path, "third", check=False, **{"--resume-step": 7,
-                                                                 "--continue-train-exp-dir": tmp_path / "first"})
+                                                                 "--continue-train-exp-dir": first})
     assert missing.returncode != 0 and "0000007.pt" in missing.stderr
 
 
-def test_fresh_run_never_overwrites_checkpoints(data_dir, tmp_path):
-    train(data_dir, tmp_path, "run", **{"--max-train-steps": 2})
-    before = (tmp_path / "run" / "checkpoints" / "0000002.pt").read_bytes()
-    again = train(data_dir, tmp_path, "run", check=False, **{"--max-train-steps": 2})
+def test_fresh_run_never_overwrites_checkpoints(data_dir, base):
+    out = base[0]
+    before = {p.name: p.read_bytes() for p in (out / "base" / "checkpoints").iterdir()}
+    again = train(data_dir, out, "base", check=False, **{"--max-train-steps": 2})
     assert again.returncode != 0 and "--resume-latest" in again.stderr
-    assert (tmp_path / "run" / "checkpoints" / "0000002.pt").read_bytes() == before
+    assert {p.name: p.read_bytes() for p in (out / "base" / "checkpoints").iterdir()} == before
 
 
-def test_two_processes_with_gloo(data_dir, tmp_path):
-    train(data_dir, tmp_path, "ddp", nproc=2, **{"--max-train-steps": 2, "--sampling-steps": 2})
-    ckpt = load_file(tmp_path / "ddp" / "checkpoints" / "0000002.pt")
-    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
-    assert (tmp_path / "ddp" / "samples" / "0000002.png").is_file()
-    # The batch-norm saw the global batch: its running statistics moved from the initial ones.
-    assert ckpt["model"]["bn.num_batches_tracked"] == 2
+def test_resume_from_a_published_checkpoint(data_dir, base, tmp_path):
+    ours = load_file(base[0] / "base" / "checkpoints" / "0000003.pt")
+    published_keys = ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "args", "steps")
+    published = tmp_path / "published" / "checkpoints" / "0000003.pt"
+    published.parent.mkdir(parents=True)
+    torch.save({key: ours[key] for key in published_keys}, published)
+    result = train(data_dir, tmp_path, "continued", **{"--max-train-steps": 4, "--resume-step": 3,
+                                                       "--continue-train-exp-dir": tmp_path / "published"})
+    assert "holds no random and data state" in result.stderr
+    resumed = load_file(tmp_path / "continued" / "checkpoints" / "0000004.pt")
+    assert resumed["steps"] == 4 and first_state(resumed["opt"])["step"] == 4
+    # Step 3 ended after batch 3 of epoch 0, so step 4 used batch 4, the last of epoch 0.
+    assert resumed["data"]["epoch"] == 0 and resumed["data"]["batch_in_epoch"] == 4
+
+
+def test_batchnorm_statistics_cover_the_global_batch(data_dir, deterministic_vae, ddp, tmp_path):
+    # One process on the same 4 images as the two processes' first step (2 each): same latents, same statistics.
+    train(data_dir, tmp_path, "one", **{"--vae-ckpt": deterministic_vae, "--max-train-steps": 1,
+                                        "--checkpointing-steps": 1})
+    one = load_file(tmp_path / "one" / "checkpoints" / "0000001.pt")["model"]
+    two = load_file(ddp / "straight" / "checkpoints" / "0000001.pt")["model"]
+    assert two["bn.num_batches_tracked"] == 1
+    assert not torch.allclose(two["bn.running_mean"], torch.full((4,), 0.1))  # the statistics moved
+    torch.testing.assert_close(two["bn.running_mean"], one["bn.running_mean"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(two["bn.running_var"], one["bn.running_var"], atol=1e-5, rtol=1e-5)
+
+
+def test_two_process_resume_is_exact(data_dir, deterministic_vae, ddp, tmp_path):
+    flags = {"--vae-ckpt": deterministic_vae, "--checkpointing-steps": 1, "--sampling-steps": 2}
+    train(data_dir, tmp_path, "stopped", nproc=2, **{**flags, "--max-train-steps": 2})
+    train(data_dir, tmp_path, "stopped", "--resume-latest", nproc=2, **{**flags, "--max-train-steps": 4})
+    straight = load_file(ddp / "straight" / "checkpoints" / "0000004.pt")
+    again = load_file(tmp_path / "stopped" / "checkpoints" / "0000004.pt")
+    assert len(straight["rng"]) == 2 and not torch.equal(straight["rng"][0]["torch"], straight["rng"][1]["torch"])
+    assert (ddp / "straight" / "samples" / "0000004.png").is_file()
+    for key in ("model", "ema", "vae", "discriminator", "opt", "rng"):
+        assert_same_state(straight[key], again[key], key)
 
 
 def test_nonfinite_run_stops_without_checkpoint(data_dir, tmp_path):
     vae = vae_models["f8d4-tiny"]()
-    state = vae.state_dict()
-    state["encoder.conv_in.weight"][0, 0, 0, 0] = float("nan")
-    torch.save(state, tmp_path / "nan-vae.pt")
-    torch.save({"latents_scale": torch.ones(1, 4, 1, 1), "latents_bias": torch.zeros(1, 4, 1, 1)},
-               tmp_path / "nan-vae-latents-stats.pt")
-    result = train(data_dir, tmp_path, "nan", check=False,
-                   **{"--vae-ckpt": tmp_path / "nan-vae.pt", "--max-nonfinite-steps": 2})
+    with torch.no_grad():
+        vae.encoder.conv_in.weight[0, 0, 0, 0] = float("nan")
+    nan_vae = save_vae_file(tmp_path / "nan-vae.pt", vae, STATS)
+    result = train(data_dir, tmp_path, "nan", check=False, **{"--vae-ckpt": nan_vae, "--max-nonfinite-steps": 2})
     assert result.returncode != 0
     assert "2 consecutive steps had a non-finite loss or gradient" in result.stderr
     assert "update skipped" in (tmp_path / "nan" / "log.txt").read_text()
     assert not list((tmp_path / "nan" / "checkpoints").iterdir())
 
 
-def test_bf16_autocast_on_cpu(data_dir, tmp_path):
-    train(data_dir, tmp_path, "bf16", **{"--mixed-precision": "bf16", "--max-train-steps": 2})
-    ckpt = load_file(tmp_path / "bf16" / "checkpoints" / "0000002.pt")
-    assert ckpt["model"]["blocks.0.attn.qkv.weight"].dtype == torch.float32  # master weights stay fp32
-    assert all(torch.isfinite(v).all() for v in ckpt["vae"].values())
+def test_bf16_autocast_trains_the_same_recipe(data_dir, base, tmp_path):
+    train(data_dir, tmp_path, "bf16", **{"--mixed-precision": "bf16", "--max-train-steps": 3,
+                                         "--checkpointing-steps": 3})
+    bf16 = load_file(tmp_path / "bf16" / "checkpoints" / "0000003.pt")
+    fp32 = load_file(base[0] / "base" / "checkpoints" / "0000003.pt")
+    key = "blocks.0.attn.qkv.weight"
+    assert bf16["model"][key].dtype == torch.float32  # master weights stay fp32
+    # Same start and data: after 3 AdamW steps of lr 1e-4 the weights differ by rounding, not by recipe.
+    assert not torch.equal(bf16["model"][key], fp32["model"][key])
+    torch.testing.assert_close(bf16["model"][key], fp32["model"][key], atol=1e-3, rtol=0)
+    torch.testing.assert_close(bf16["vae"]["encoder.conv_in.weight"], fp32["vae"]["encoder.conv_in.weight"],
+                               atol=1e-3, rtol=0)
 
 
 def test_trackers_wandb_offline_and_tensorboard(data_dir, tmp_path):
-    train(data_dir, tmp_path, "wb", env={"WANDB_DIR": str(tmp_path)},
-          **{"--report-to": "wandb", "--max-train-steps": 2, "--sampling-steps": 2})
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
-    train(data_dir, tmp_path, "tb", **{"--report-to": "tensorboard", "--max-train-steps": 2})
-    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    train(data_dir, tmp_path, "tracked", env={"WANDB_DIR": str(tmp_path)},
+          **{"--report-to": "wandb,tensorboard", "--max-train-steps": 2, "--sampling-steps": 2})
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    scalars = {}
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        scalars.update({tag: accumulator.Scalars(tag) for tag in accumulator.Tags()["scalars"]})
+    assert [event.step for event in scalars["sit_loss"]] == [1, 2]
+    assert {"vae_loss", "d_loss", "proj_loss", "grad_norm_sit", "skipped_updates"} <= scalars.keys()
 
 
-def test_ablation_switches(data_dir, tmp_path):
-    train(data_dir, tmp_path, "base", **{"--max-train-steps": 2})
-    train(data_dir, tmp_path, "frozen", "--freeze-vae", **{"--max-train-steps": 2})
-    train(data_dir, tmp_path, "nostop", "--diffusion-loss-to-vae", "--log-latent-stats", **{"--max-train-steps": 2})
-    base, frozen, nostop = (load_file(tmp_path / n / "checkpoints" / "0000002.pt") for n in ("base", "frozen", "nostop"))
-    key = "encoder.conv_in.weight"
-    assert not torch.equal(base["vae"][key], nostop["vae"][key])  # the diffusion gradient reached the VAE
-    assert not torch.equal(base["vae"][key], frozen["vae"][key])
-    # Frozen: two runs with --freeze-vae keep the same (initial) VAE whatever the step count.
-    train(data_dir, tmp_path, "frozen1", "--freeze-vae", **{"--max-train-steps": 1, "--checkpointing-steps": 1})
-    frozen1 = load_file(tmp_path / "frozen1" / "checkpoints" / "0000001.pt")
-    assert_same_state(frozen1["vae"], frozen["vae"], "vae")
+def test_ablation_switches_run(data_dir, deterministic_vae, tmp_path):
+    train(data_dir, tmp_path, "frozen", "--freeze-vae", **{"--vae-ckpt": deterministic_vae, "--max-train-steps": 2})
+    frozen = load_file(tmp_path / "frozen" / "checkpoints" / "0000002.pt")
+    assert_same_state(frozen["vae"], torch.load(deterministic_vae), "vae")  # the VAE never moved
+    assert first_state(frozen["opt"])["step"] == 2
+    train(data_dir, tmp_path, "nostop", "--diffusion-loss-to-vae", "--log-latent-stats",
+          **{"--report-to": "tensorboard", "--max-train-steps": 1, "--checkpointing-steps": 1})
+    accumulator = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*"))))
+    accumulator.Reload()
+    assert {"latent_mean/c0", "latent_std/c3", "latent_std_min"} <= set(accumulator.Tags()["scalars"])
 
 
 def test_gradient_accumulation_counts_optimization_steps(data_dir, tmp_path):
@@ -167,28 +232,46 @@ def test_gradient_accumulation_counts_optimization_steps(data_dir, tmp_path):
     assert first_state(ckpt["opt"])["step"] == 2 and first_state(ckpt["opt_vae"])["step"] == 2
 
 
-def test_two_process_resume_is_exact(data_dir, tmp_path):
-    flags = {"--max-train-steps": 4, "--checkpointing-steps": 2}
-    train(data_dir, tmp_path, "straight", nproc=2, **flags)
-    train(data_dir, tmp_path, "stopped", nproc=2, **{**flags, "--max-train-steps": 2})
-    train(data_dir, tmp_path, "stopped", "--resume-latest", nproc=2, **flags)
-    straight = load_file(tmp_path / "straight" / "checkpoints" / "0000004.pt")
-    again = load_file(tmp_path / "stopped" / "checkpoints" / "0000004.pt")
-    for key in ("model", "ema", "vae", "discriminator", "opt", "rng"):
-        assert_same_state(straight[key], again[key], key)
+@pytest.fixture(scope="module")
+def step_setup(data_dir, tmp_path_factory):
+    """The trainer's own networks, built in this process, with one batch and a restorable initial state."""
+    args = train_repae.parse_args(tiny_training_flags(data_dir, tmp_path_factory.mktemp("inproc"), "x") + LPIPS)
+    accelerator = make_accelerator(mixed_precision="no", gradient_accumulation_steps=1, report_to="none",
+                                   output_dir=str(args.output_dir), logging_dir="logs")
+    torch.manual_seed(0)
+    nets, _, loader, _ = train_repae.build(args, accelerator)
+    with torch.no_grad():  # a non-zero output layer, so the denoising loss has a gradient with respect to z
+        nets.sit.final_layer.linear.weight.normal_(std=0.1)
+    images, labels = next(iter(loader))
+    modules = (nets.sit, nets.vae, nets.vae_loss_fn, nets.opt_sit, nets.opt_vae, nets.opt_disc)
+    initial = [copy.deepcopy(module.state_dict()) for module in modules]
+    return args, accelerator, nets, images, labels, modules, initial
 
 
-def test_resume_from_a_published_checkpoint(data_dir, tmp_path):
-    train(data_dir, tmp_path, "ours", **{"--max-train-steps": 2})
-    ours = load_file(tmp_path / "ours" / "checkpoints" / "0000002.pt")
-    published_keys = ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "args", "steps")
-    published = tmp_path / "published" / "checkpoints" / "0000002.pt"
-    published.parent.mkdir(parents=True)
-    torch.save({key: ours[key] for key in published_keys}, published)
-    result = train(data_dir, tmp_path, "continued", **{"--max-train-steps": 3, "--resume-step": 2,
-                                                       "--continue-train-exp-dir": tmp_path / "published"})
-    assert "holds no random and data state" in result.stderr
-    resumed = load_file(tmp_path / "continued" / "checkpoints" / "0000003.pt")
-    assert resumed["steps"] == 3 and first_state(resumed["opt"])["step"] == 3
-    # 16 images in batches of 4: step 2 ended after batch 2 of epoch 0, so step 3 used batch 3.
-    assert resumed["data"]["epoch"] == 0 and resumed["data"]["batch_in_epoch"] == 3
+def vae_gradients(step_setup, diffusion_loss_to_vae, final_layer_scale=1.0):
+    """Every gradient the VAE's first convolution receives during one REPA-E step from the initial state."""
+    args, accelerator, nets, images, labels, modules, initial = step_setup
+    for module, state in zip(modules, initial):
+        module.load_state_dict(state)
+    with torch.no_grad():
+        nets.sit.final_layer.linear.weight.mul_(final_layer_scale)
+    received = []
+    handle = nets.vae.encoder.conv_in.weight.register_post_accumulate_grad_hook(
+        lambda param: received.append(param.grad.clone()))
+    torch.manual_seed(1)
+    guard = NonFiniteGuard(10)
+    train_repae.repae_step(nets, images, labels, 0, accelerator, guard, loss_kwargs=dict(path_type="linear"),
+                           proj_coeff=0.5, vae_align_proj_coeff=1.5, max_grad_norm=1.0,
+                           diffusion_loss_to_vae=diffusion_loss_to_vae)
+    handle.remove()
+    return received
+
+
+def test_the_diffusion_loss_reaches_the_vae_only_without_stop_gradient(step_setup):
+    # With stop-gradient the VAE gets one gradient (its own update), untouched by the SiT's output layer, which
+    # only the diffusion loss uses; without it, that gradient depends on the output layer.
+    stopped, stopped_rescaled = vae_gradients(step_setup, False), vae_gradients(step_setup, False, 3.0)
+    assert len(stopped) == 1 and torch.equal(stopped[0], stopped_rescaled[0])
+    through, through_rescaled = vae_gradients(step_setup, True), vae_gradients(step_setup, True, 3.0)
+    assert len(through) == 1 and not torch.allclose(through[0], through_rescaled[0])
+    assert not torch.allclose(stopped[0], through[0])

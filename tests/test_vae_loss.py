@@ -10,7 +10,7 @@ from conftest import FIXTURES, load_fixture
 from fixtures.fill import fill_
 from loss.discriminator import NLayerDiscriminator
 from loss.lpips import PerceptualLoss, build_lpips
-from loss.vae_loss import ReconstructionLoss_Single_Stage, VAELoss
+from loss.vae_loss import ReconstructionLoss_Single_Stage
 from models.autoencoder import DiagonalGaussianDistribution as Posterior
 
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "l1_lpips_kl_gan.yaml"
@@ -158,7 +158,9 @@ def test_discriminator_init():
     assert disc(torch.randn(2, 3, 32, 32)).shape == (2, 1, 2, 2)
 
 
-def test_alias_and_bad_config(fx):
-    assert VAELoss is ReconstructionLoss_Single_Stage
+def test_bad_config(fx):
+    losses = fx["config"]["losses"]
     with pytest.raises(ValueError, match="quantize_mode"):
-        VAELoss({"model": {"vq_model": {"quantize_mode": "vq"}}, "losses": fx["config"]["losses"]})
+        ReconstructionLoss_Single_Stage({"model": {"vq_model": {"quantize_mode": "vq"}}, "losses": losses})
+    with pytest.raises(ValueError, match="reconstruction_loss"):
+        ReconstructionLoss_Single_Stage({"losses": {**losses, "reconstruction_loss": "l3"}}, pretrained_lpips=False)

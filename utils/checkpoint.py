@@ -1,13 +1,13 @@
-"""Checkpoint I/O: safe loading of published files, strict state-dict loading with clear errors, atomic saves."""
+"""Checkpoint I/O: weights-only loading, strict state-dict loading with clear errors, atomic saves."""
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-# Published training checkpoints store their argparse.Namespace under "args"; allow exactly that class.
-torch.serialization.add_safe_globals([argparse.Namespace])
+from utils.files import atomic_write
+
+# Training checkpoints store their argparse.Namespace under "args"; weights-only loading allows exactly that class.
+CHECKPOINT_GLOBALS = [argparse.Namespace]
 
 
 def load_file(path, map_location="cpu"):
@@ -19,7 +19,8 @@ def load_file(path, map_location="cpu"):
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file as load_safetensors
             return load_safetensors(str(path), device=str(map_location))
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
         raise RuntimeError(f"could not read checkpoint {path}: {error}") from error
 
@@ -61,23 +62,14 @@ def load_state_dict_strict(module, state_dict, source):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    """torch.save through atomic_write: a crash never leaves a partial file."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def checkpoint_file(exp_dir, step):
-    """Path of the published checkpoint name EXP/checkpoints/%07d.pt."""
+    """Path of the checkpoint of a step: EXP/checkpoints/%07d.pt."""
     return Path(exp_dir) / "checkpoints" / f"{step:07d}.pt"
 
 

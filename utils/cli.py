@@ -1,7 +1,9 @@
 """Command-line flags shared by train_repae.py and train_ldm_only.py (published names, types and defaults)."""
 import argparse
 
-from models.autoencoder import vae_geometry, vae_models
+import torch
+
+from models.autoencoder import vae_models
 from models.sit import SiT_models
 
 
@@ -17,7 +19,7 @@ def add_training_args(parser, model_default, vae_default, vae_ckpt_default):
     parser.add_argument("--resume-step", type=int, default=0)
     parser.add_argument("--continue-train-exp-dir", type=str, default=None)
     parser.add_argument("--wandb-history-path", type=str, default=None,
-                        help="accepted for compatibility; the published scripts do not use it either")
+                        help="accepted so that published command lines run; not used")
 
     parser.add_argument("--model", type=str, default=model_default, choices=list(SiT_models))
     parser.add_argument("--num-classes", type=int, default=1000)
@@ -72,15 +74,19 @@ def add_training_args(parser, model_default, vae_default, vae_ckpt_default):
                         help="EMA decay of the SiT (published: 0.9999; short runs want less, e.g. 0.99)")
     parser.add_argument("--sample-batch-size", type=int, default=64,
                         help="images in the sample grid written every --sampling-steps")
+    parser.add_argument("--log-every", type=int, default=1,
+                        help="send metrics to the progress bar and the trackers every N steps")
     return parser
 
 
 def validate_training_args(args):
     """Reject inconsistent flags early, naming the flag."""
-    factor = vae_geometry[args.vae][0]
+    with torch.device("meta"):  # the layout only: nothing allocated
+        factor = vae_models[args.vae]().downsample_factor
     if args.resolution % factor:
         raise SystemExit(f"--resolution {args.resolution} must be divisible by {factor} for --vae {args.vae}")
-    for flag in ("batch_size", "max_train_steps", "checkpointing_steps", "sampling_steps", "gradient_accumulation_steps"):
+    for flag in ("batch_size", "max_train_steps", "checkpointing_steps", "sampling_steps",
+                 "gradient_accumulation_steps", "log_every"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be positive")
     return args

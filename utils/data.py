@@ -1,11 +1,12 @@
 """Datasets over the packed HDF5 files (images.h5 and the cached latents NAME.h5) and a resumable sampler.
 
-Files (written by preprocessing.py and cache_latents.py, layout as published):
+Files (written by preprocessing.py and cache_latents.py):
   DATA/images.h5       `00000/img00000000.png` uncompressed PNG bytes per image, `dataset.json` labels
   DATA/images_h5.json  list of the names in images.h5
   DATA/NAME.h5         `00000/img-mean-std-00000000.npy` float32 (2C, h, w): posterior mean then std
   DATA/NAME_h5.json    list of the names in NAME.h5
 """
+import functools
 import io
 import json
 import os
@@ -62,6 +63,13 @@ class LazyH5:
         return {"path": self.path, "_file": None, "_pid": None}
 
 
+def png_size(h5_path, name):
+    """(H, W) of the PNG entry `name`, read from its header (no decoding)."""
+    with h5py.File(h5_path, "r") as h5f, Image.open(io.BytesIO(h5f[name][()])) as image:
+        width, height = image.size
+    return height, width
+
+
 def _list_entries(json_path, extension, hint):
     """Sorted names with the given extension from a NAME_h5.json list."""
     if not os.path.isfile(json_path):
@@ -86,7 +94,7 @@ def _read_labels(h5_path, names, hint):
     return np.array([labels[name] for name in names], dtype=np.int64)
 
 
-class CustomINH5Dataset(Dataset):
+class ImageDataset(Dataset):
     """Images of DATA/images.h5: item i is (uint8 (3, H, W) tensor, int64 label), in name order."""
 
     def __init__(self, data_dir):
@@ -98,6 +106,11 @@ class CustomINH5Dataset(Dataset):
         self.labels = _read_labels(self.h5_path, self.filelist, hint)
         self.h5 = LazyH5(self.h5_path)
 
+    @functools.cached_property
+    def image_size(self):
+        """(H, W) of the images, read from the first one."""
+        return png_size(self.h5_path, self.filelist[0])
+
     def __len__(self):
         return len(self.filelist)
 
@@ -106,23 +119,23 @@ class CustomINH5Dataset(Dataset):
         return torch.from_numpy(image), torch.tensor(self.labels[index])
 
 
-class CustomH5Dataset(Dataset):
+class ImageLatentDataset(Dataset):
     """Images plus cached latents (DATA/NAME.h5): item i is (uint8 image, float32 (2C, h, w) mean-std, label)."""
 
     def __init__(self, data_dir, vae_latents_name="repae-invae-400k"):
         self.data_dir = data_dir
-        images_h5 = os.path.join(data_dir, "images.h5")
+        self.images_h5_path = os.path.join(data_dir, "images.h5")
         latents_h5 = os.path.join(data_dir, f"{vae_latents_name}.h5")
         self.image_fnames = _list_entries(os.path.join(data_dir, "images_h5.json"), ".png",
                                           "run preprocessing.py first")
         self.feature_fnames = _list_entries(os.path.join(data_dir, f"{vae_latents_name}_h5.json"), ".npy",
                                             "run cache_latents.py first")
-        if not os.path.isfile(images_h5):
-            raise FileNotFoundError(f"{images_h5} not found; run preprocessing.py first")
+        if not os.path.isfile(self.images_h5_path):
+            raise FileNotFoundError(f"{self.images_h5_path} not found; run preprocessing.py first")
         self._check_pairs(latents_h5)
-        # Labels come from the latents file, as published.
+        # Labels come from the latents file (cache_latents.py copies them from images.h5).
         self.labels = _read_labels(latents_h5, self.feature_fnames, "run cache_latents.py first")
-        self.images_h5, self.features_h5 = LazyH5(images_h5), LazyH5(latents_h5)
+        self.images_h5, self.features_h5 = LazyH5(self.images_h5_path), LazyH5(latents_h5)
 
     def _check_pairs(self, latents_h5):
         """Item i pairs image i with its own latent: the two lists must match one to one."""
@@ -134,6 +147,11 @@ class CustomH5Dataset(Dataset):
                 raise ValueError(f"{latents_h5}: latent {latent} does not belong to image {image}; "
                                  f"re-run cache_latents.py on these images")
 
+    @functools.cached_property
+    def image_size(self):
+        """(H, W) of the images, read from the first one."""
+        return png_size(self.images_h5_path, self.image_fnames[0])
+
     def __len__(self):
         return len(self.feature_fnames)
 
@@ -141,10 +159,6 @@ class CustomH5Dataset(Dataset):
         image = read_entry(self.images_h5.get(), self.image_fnames[index])
         latent = read_entry(self.features_h5.get(), self.feature_fnames[index])
         return torch.from_numpy(image), torch.from_numpy(latent), torch.tensor(self.labels[index])
-
-
-ImageDataset = CustomINH5Dataset
-ImageLatentDataset = CustomH5Dataset
 
 
 class ResumableDistributedSampler(Sampler):

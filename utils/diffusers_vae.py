@@ -1,6 +1,6 @@
 """Convert our AutoencoderKL to and from diffusers `AutoencoderKL` folders (config.json + safetensors).
 
-Our keys follow the published LDM layout (encoder.down.0.block.0.nin_shortcut, mid.attn_1.q, decoder.up.3...);
+Our keys follow the LDM layout (encoder.down.0.block.0.nin_shortcut, mid.attn_1.q, decoder.up.3...);
 diffusers names the same tensors down_blocks/resnets/attentions, numbers decoder blocks from the lowest
 resolution up, and stores attention projections as Linear (C, C) weights instead of 1x1 convs (C, C, 1, 1).
 """
@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.autoencoder import AutoencoderKL, vae_models
-from utils.checkpoint import atomic_save, load_state_dict_strict
+from models.autoencoder import AutoencoderKL, vae_arch_of
+from utils.checkpoint import atomic_save, load_file, load_state_dict_strict
+from utils.files import atomic_write
+from utils.hub import DIFFUSERS_CONFIG, DIFFUSERS_STATS, DIFFUSERS_WEIGHTS
+from utils.latents import diffusers_config_from_stats, stats_from_diffusers_config
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-STATS_NAME = "latents_stats.pt"
 # The LDM convention places attention by feature-map size for a 256-px input (attn_resolutions).
 RESOLUTION = 256
 
@@ -105,56 +105,38 @@ def diffusers_config(vae):
     }
 
 
-def _layout(vae):
-    """What distinguishes one of our layouts from another."""
-    return (vae.ch, vae.ch_mult, vae.num_res_blocks, vae.attn_levels, vae.latent_channels)
-
-
-def arch_of(vae):
-    """Registry name (e.g. 'f8d4') whose layout `vae` has, or None."""
-    for arch, build in vae_models.items():
-        with torch.device("meta"):
-            reference = build()
-        if _layout(reference) == _layout(vae):
-            return arch
-    return None
-
-
 def export_diffusers_vae(vae, arch, out_dir, latents_stats=None):
-    """Write `vae` as a diffusers AutoencoderKL folder; latents_stats {"latents_scale", "latents_bias"} are recorded.
-
-    diffusers normalizes latents as (z - latents_mean) * scaling_factor / latents_std; with scaling_factor 1 that
-    is our (z - bias) * scale for latents_mean = bias and latents_std = 1 / scale.
-    """
-    if arch is not None and arch_of(vae) != arch:
-        raise ValueError(f"VAE layout {_layout(vae)} is not the '{arch}' layout")
+    """Write `vae` as a diffusers AutoencoderKL folder; latents_stats, if given, go into its config and a file."""
+    layout = vae_arch_of(vae.state_dict())
+    if arch is not None and layout != arch:
+        raise ValueError(f"the VAE has the {layout or 'unregistered'} layout, not the '{arch}' layout")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = diffusers_config(vae)
     if arch is not None:
         config["_repae_arch"] = arch
     if latents_stats is not None:
-        scale = latents_stats["latents_scale"].detach().cpu().double().flatten()
-        bias = latents_stats["latents_bias"].detach().cpu().double().flatten()
-        config.update(scaling_factor=1.0, latents_mean=bias.tolist(), latents_std=(1.0 / scale).tolist())
-        atomic_save({k: v.detach().cpu() for k, v in latents_stats.items()}, out_dir / STATS_NAME)
+        config.update(diffusers_config_from_stats(latents_stats))
+        atomic_save({k: v.detach().cpu() for k, v in latents_stats.items()}, out_dir / DIFFUSERS_STATS)
     else:
-        (out_dir / STATS_NAME).unlink(missing_ok=True)  # never leave statistics of an earlier export behind
-    save_file(to_diffusers_state_dict(vae), str(out_dir / WEIGHTS_NAMES[0]), metadata={"format": "pt"})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        (out_dir / DIFFUSERS_STATS).unlink(missing_ok=True)  # never leave statistics of an earlier export behind
+    with atomic_write(out_dir / DIFFUSERS_WEIGHTS[0]) as tmp:
+        save_file(to_diffusers_state_dict(vae), str(tmp), metadata={"format": "pt"})
+    with atomic_write(out_dir / DIFFUSERS_CONFIG) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
 def is_diffusers_vae_folder(path):
     """True if `path` is a folder with a diffusers AutoencoderKL config.json and weights."""
     path = Path(path)
-    if not (path / CONFIG_NAME).is_file():
+    if not (path / DIFFUSERS_CONFIG).is_file():
         return False
     try:
-        config = json.loads((path / CONFIG_NAME).read_text())
+        config = json.loads((path / DIFFUSERS_CONFIG).read_text())
     except (OSError, ValueError):
         return False
-    return config.get("_class_name") == "AutoencoderKL" and any((path / name).is_file() for name in WEIGHTS_NAMES)
+    return config.get("_class_name") == "AutoencoderKL" and any((path / name).is_file() for name in DIFFUSERS_WEIGHTS)
 
 
 def _our_model_for(config, folder):
@@ -183,13 +165,9 @@ def _our_model_for(config, folder):
 
 def _latents_stats(folder, config, channels):
     """latents_stats.pt if present, else from the (defaults-filled) config's latents_mean/std; None if neither."""
-    if (folder / STATS_NAME).is_file():
-        return torch.load(folder / STATS_NAME, map_location="cpu", weights_only=True)
-    if config.get("latents_mean") is None or config.get("latents_std") is None:
-        return None
-    mean = torch.tensor(config["latents_mean"], dtype=torch.float32).reshape(1, channels, 1, 1)
-    std = torch.tensor(config["latents_std"], dtype=torch.float32).reshape(1, channels, 1, 1)
-    return {"latents_scale": config["scaling_factor"] / std, "latents_bias": mean}
+    if (folder / DIFFUSERS_STATS).is_file():
+        return load_file(folder / DIFFUSERS_STATS)
+    return stats_from_diffusers_config(config, channels)
 
 
 def load_diffusers_vae_folder(folder):
@@ -198,12 +176,13 @@ def load_diffusers_vae_folder(folder):
 
     folder = Path(folder)
     if not is_diffusers_vae_folder(folder):
-        raise ValueError(f"{folder} is not a diffusers AutoencoderKL folder (config.json + weights {WEIGHTS_NAMES})")
-    config = json.loads((folder / CONFIG_NAME).read_text())
+        raise ValueError(f"{folder} is not a diffusers AutoencoderKL folder ({DIFFUSERS_CONFIG} + weights "
+                         f"{DIFFUSERS_WEIGHTS})")
+    config = json.loads((folder / DIFFUSERS_CONFIG).read_text())
     with torch.device("meta"):  # every tensor is loaded below, so skip the random init
         vae = _our_model_for(config, folder)
     vae = vae.to_empty(device="cpu")
     # diffusers' own loader reads .safetensors or .bin and renames attention keys of older checkpoints.
     reference = diffusers.AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
     load_state_dict_strict(vae, from_diffusers_state_dict(vae, reference.state_dict()), str(folder))
-    return vae.eval(), arch_of(vae), _latents_stats(folder, reference.config, vae.latent_channels)
+    return vae.eval(), vae_arch_of(vae.state_dict()), _latents_stats(folder, reference.config, vae.latent_channels)

@@ -1,5 +1,14 @@
 """Exponential moving average of a model's parameters and floating buffers."""
+import copy
+
 import torch
+
+
+def make_ema(model):
+    """A frozen, eval-mode copy of model to hold its moving average."""
+    ema = copy.deepcopy(model).eval()
+    requires_grad(ema, False)
+    return ema
 
 
 @torch.no_grad()

@@ -13,11 +13,15 @@ HUB_SPEC = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<r
 BARE_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
 STATS_SUFFIX, DISCRIMINATOR_SUFFIX = "-latents-stats.pt", "-discriminator-ckpt.pt"
-DIFFUSERS = "<diffusers folder>"  # the repo is a diffusers AutoencoderKL folder: config.json + safetensors weights
-DIFFUSERS_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
-DIFFUSERS_STATS = "latents_stats.pt"  # what utils.diffusers_vae writes beside them, when it has statistics
+# A diffusers AutoencoderKL folder: its config, its weights (written: the first; read: either) and the latent
+# statistics that utils.diffusers_vae writes beside them when it has some.
+DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIFFUSERS_STATS = "latents_stats.pt"
+DIFFUSERS_FILES = (DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS[0])  # what a diffusers repo on the hub must hold
+DIFFUSERS = "<diffusers folder>"  # the file a diffusers repo's bare id means: the whole folder
 
-# The published REPA-E releases (huggingface.co/REPA-E) and the file their bare id means. None: the file name is not
+# The REPA-E releases (huggingface.co/REPA-E) and the file their bare id means. None: the file name is not
 # recorded here, the repo's only weights file is taken (listed by the hub, or found in the cache when offline).
 HUB_DEFAULT_FILES = {
     "REPA-E/sdvae": "sdvae-f8d4.pt",  # REPA-E's starting VAEs; beside each: NAME-discriminator-ckpt.pt
@@ -95,7 +99,7 @@ def default_hub_file(repo_id, revision=None):
         return HUB_DEFAULT_FILES[repo_id]
     files = _hub_listing(repo_id, revision)
     if not files:
-        reason = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub could not list its files"
+        reason = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub could not list its files"
         raise FileNotFoundError(_hub_missing(repo_id, revision, [], f"{reason} and the cache holds no copy"))
     if all(name in files for name in DIFFUSERS_FILES):
         return DIFFUSERS
@@ -111,7 +115,7 @@ def _sibling(filename, suffix):
     return Path(filename).with_name(Path(filename).stem + suffix).as_posix()
 
 
-def _hub_offline():
+def hub_offline():
     """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
@@ -132,7 +136,7 @@ def _hub_snapshot(repo_id, revision):
 
 def _hub_listing(repo_id, revision):
     """Files of a repo: listed by the hub when online, else those of its cached snapshot ([] if none)."""
-    if not _hub_offline():
+    if not hub_offline():
         try:
             return HfApi().list_repo_files(repo_id, revision=revision)
         except Exception:  # hub unreachable or refusing: the cache decides, and the download reports the error
@@ -147,11 +151,11 @@ def _hub_download(repo_id, filename, revision, fetch, required=True):
     """hf_hub_download into the cache (cache only when offline); a missing required file raises FileNotFoundError."""
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=_hub_cache(),
-                                    local_files_only=_hub_offline()))
+                                    local_files_only=hub_offline()))
     except (EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled) as error:
         if not required:
             return None
-        reason = ("it is not in the cache and HF_HUB_OFFLINE is set" if _hub_offline()
+        reason = ("it is not in the cache and HF_HUB_OFFLINE is set" if hub_offline()
                   else f"the hub answered {type(error).__name__}: {str(error).splitlines()[0]}")
         raise FileNotFoundError(_hub_missing(repo_id, revision, fetch, reason, filename)) from error
 

@@ -1,4 +1,8 @@
-"""VAE loading and the latent normalization shared by training, sampling and export."""
+"""VAE loading, latent geometry and latent statistics, shared by training, sampling and export.
+
+Latent statistics have one form: {"latents_scale": (1,C,1,1), "latents_bias": (1,C,1,1)} (the NAME-latents-stats.pt
+file format); a latent z is normalized as (z - bias) * scale. Every conversion from or to another form is here.
+"""
 import warnings
 from pathlib import Path
 
@@ -6,7 +10,7 @@ import torch
 
 from models.autoencoder import vae_models
 from utils.checkpoint import load_file, load_state_dict_strict
-from utils.hub import resolve_weights
+from utils.hub import STATS_SUFFIX, resolve_weights
 
 NO_CHECKPOINT = ("", "none", "None")
 
@@ -16,15 +20,62 @@ def preprocess_imgs_vae(images):
     return images.float() / 127.5 - 1.0
 
 
-def denormalize_latents(z, latents_scale, latents_bias):
-    """Undo the SiT's latent normalizer: (z - bias) * scale -> z."""
-    return z / latents_scale + latents_bias
+def latent_shape(vae, resolution):
+    """(channels, size, size) of the latents of resolution-pixel square images through `vae`."""
+    factor = vae.downsample_factor
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    return vae.latent_channels, resolution // factor, resolution // factor
+
+
+def stats_from_batchnorm(running_mean, running_var):
+    """Statistics of a batch-norm that normalizes latents: scale = running_var^-1/2, bias = running_mean."""
+    channels = running_mean.numel()
+    return {"latents_scale": running_var.detach().rsqrt().view(1, channels, 1, 1),
+            "latents_bias": running_mean.detach().clone().view(1, channels, 1, 1)}
+
+
+@torch.no_grad()
+def set_batchnorm_stats(bn, stats):
+    """Make the batch-norm's running statistics normalize as `stats` do: mean = bias, var = scale^-2."""
+    bn.running_mean.copy_(stats["latents_bias"].reshape(-1))
+    bn.running_var.copy_(stats["latents_scale"].reshape(-1).pow(-2))
+    return bn
+
+
+def normalize_latents(z, stats):
+    """(z - bias) * scale."""
+    return (z - stats["latents_bias"]) * stats["latents_scale"]
+
+
+def denormalize_latents(z, stats):
+    """Undo normalize_latents: z / scale + bias."""
+    return z / stats["latents_scale"] + stats["latents_bias"]
+
+
+def stats_from_diffusers_config(config, channels):
+    """Statistics recorded in a (defaults-filled) diffusers VAE config, or None if it records none.
+
+    diffusers normalizes latents as (z - latents_mean) * scaling_factor / latents_std.
+    """
+    if config.get("latents_mean") is None or config.get("latents_std") is None:
+        return None
+    mean = torch.tensor(config["latents_mean"], dtype=torch.float32).reshape(1, channels, 1, 1)
+    std = torch.tensor(config["latents_std"], dtype=torch.float32).reshape(1, channels, 1, 1)
+    return {"latents_scale": config["scaling_factor"] / std, "latents_bias": mean}
+
+
+def diffusers_config_from_stats(stats):
+    """The diffusers config entries that normalize as `stats` do: latents_mean = bias, latents_std = 1 / scale."""
+    scale = stats["latents_scale"].detach().cpu().double().flatten()
+    bias = stats["latents_bias"].detach().cpu().double().flatten()
+    return {"scaling_factor": 1.0, "latents_mean": bias.tolist(), "latents_std": (1.0 / scale).tolist()}
 
 
 def latents_stats_path(vae_ckpt):
-    """NAME-latents-stats.pt beside NAME.pt, as the published scripts expect."""
+    """NAME-latents-stats.pt beside NAME.pt."""
     path = Path(vae_ckpt)
-    return path.with_name(path.stem + "-latents-stats.pt")
+    return path.with_name(path.stem + STATS_SUFFIX)
 
 
 def load_vae(arch, vae_ckpt, require_stats=True):
@@ -65,4 +116,4 @@ def estimate_latents_stats(vae, batches, device):
         count += z.numel() // z.shape[1]
     mean = total / count
     var = (total_sq / count - mean * mean).clamp_min(1e-8)
-    return {"latents_scale": var.rsqrt().float().view(1, -1, 1, 1), "latents_bias": mean.float().view(1, -1, 1, 1)}
+    return {key: value.float() for key, value in stats_from_batchnorm(mean, var).items()}

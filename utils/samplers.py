@@ -6,7 +6,7 @@ model.num_classes.
 """
 import torch
 
-from loss.diffusion import interpolant
+from models.interpolant import interpolant
 
 
 def score_from_velocity(v, x_t, t, path_type="linear"):
@@ -58,7 +58,7 @@ def euler_sampler(model, latents, y, num_steps=20, heun=False, cfg_scale=1.0, gu
     with torch.no_grad():
         for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
             x_cur = x_next
-            # the guidance decision for both Heun stages follows t_cur, as published
+            # both Heun stages take t_cur's guidance decision, not t_next's: the reference samples were made so
             use_cfg = guided(t_cur, cfg_scale, guidance_low, guidance_high)
             d_cur = velocity(model, x_cur, y, t_cur, dtype, cfg_scale, use_cfg)
             x_next = x_cur + (t_next - t_cur) * d_cur

@@ -1,4 +1,4 @@
-"""Flow-matching pieces shared by the SiT loss and the samplers: paths, time sampling, per-sample means."""
+"""Flow-matching interpolant shared by SiT training and the samplers: paths, time sampling, per-sample means."""
 import math
 
 import torch
@@ -31,7 +31,7 @@ def lognormal_time(rnd_normal, path_type="linear"):
 
 
 def sample_time(batch_size, weighting="uniform", path_type="linear"):
-    """Training times, shape (B,1,1,1); drawn on the CPU generator as published, so seeded runs repeat."""
+    """Training times, shape (B,1,1,1); drawn on the CPU generator, so seeded runs repeat on any device."""
     shape = (batch_size, 1, 1, 1)
     if weighting == "uniform":
         return torch.rand(shape)

@@ -1,0 +1,43 @@
+"""All-or-nothing file writes: a crash or an error never leaves a partial output under its final name."""
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def current_umask():
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@contextlib.contextmanager
+def atomic_write(path, folder=False):
+    """Yield a temporary path beside `path` to write (a file, or a folder when folder=True).
+
+    On success it replaces `path` (an existing folder is removed first) with the permissions of any file the user
+    writes (mkstemp/mkdtemp make it private); on failure it is removed and `path` stays as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}."
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, (0o777 if folder else 0o666) & ~current_umask())
+        if folder and path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
