@@ -1,0 +1,139 @@
+"""eval_vae.py: PSNR, SSIM, LPIPS, rFID and latent statistics of VAEs in every form, checked independently."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from skimage.metrics import structural_similarity
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+import eval_vae
+from helpers import make_dataset, run_script
+from loss.lpips import build_lpips
+from models.autoencoder import vae_models
+from utils.data import ImageDataset
+from utils.diffusers_vae import export_diffusers_vae
+from utils.evaluation import InceptionV3
+from utils.latents import preprocess_imgs_vae
+
+ARCH = "f8d4-tiny"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("eval_vae"), resolution=32, classes=2, per_class=2)
+
+
+@pytest.fixture(scope="module")
+def images(data_dir):
+    dataset = ImageDataset(data_dir)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def random_vae(seed):
+    """A randomly initialised tiny f8d4 VAE."""
+    torch.manual_seed(seed)
+    return vae_models[ARCH]().eval()
+
+
+def gray_vae():
+    """A VAE that decodes every latent to 0, i.e. mid-gray pixels (127): its reconstructions are known exactly."""
+    vae = random_vae(0)
+    torch.nn.init.zeros_(vae.decoder.conv_out.weight)
+    torch.nn.init.zeros_(vae.decoder.conv_out.bias)
+    return vae
+
+
+def latent_channel_stats(vae, images):
+    """Per-channel mean and population std of the posterior means."""
+    with torch.no_grad():
+        z = vae.encode(preprocess_imgs_vae(images)).mean.double()
+    return z.mean(dim=(0, 2, 3)).tolist(), z.std(dim=(0, 2, 3), unbiased=False).tolist()
+
+
+@pytest.mark.slow
+def test_eval_vae_command_against_independent_numbers(tmp_path, data_dir, images):
+    vae = gray_vae()
+    torch.save(vae.state_dict(), tmp_path / "gray.pt")
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pth"
+    torch.save(InceptionV3().state_dict(), weights)
+    run_script("eval_vae.py", "--vae", ARCH, "--vae-ckpt", tmp_path / "gray.pt", "--data-dir", data_dir,
+               "--inception-weights", weights, "--lpips-random-init", "--batch-size", 3, "--num-workers", 0,
+               "--device", "cpu", "--json", tmp_path / "out.json", env={"OMP_NUM_THREADS": "2"})
+    got = json.loads((tmp_path / "out.json").read_text())[str(tmp_path / "gray.pt")]
+
+    gray = torch.full_like(images, 127)
+    mse = (images.double() - 127).pow(2).mean(dim=(1, 2, 3))
+    assert got["psnr"] == pytest.approx((10 * torch.log10(255 ** 2 / mse)).mean().item(), rel=1e-9)
+    ssim = structural_similarity_index_measure(gray.float(), images.float(), data_range=255.0, reduction="none")
+    assert got["ssim"] == pytest.approx(ssim.mean().item(), rel=1e-5, abs=1e-6)
+    ssim_skimage = np.mean([structural_similarity(
+        gray[i].permute(1, 2, 0).numpy(), images[i].permute(1, 2, 0).numpy(), data_range=255, channel_axis=2,
+        gaussian_weights=True, sigma=1.5, use_sample_covariance=False) for i in range(len(images))])
+    assert got["ssim"] == pytest.approx(ssim_skimage, abs=0.02)  # another SSIM implementation (borders differ)
+    torch.manual_seed(0)  # the script's random LPIPS trunk
+    lpips = build_lpips(pretrained_trunk=False)
+    with torch.no_grad():
+        expected_lpips = lpips(preprocess_imgs_vae(gray), preprocess_imgs_vae(images)).mean().item()
+    assert got["lpips"] == pytest.approx(expected_lpips, rel=1e-4)
+    # rFID of constant reconstructions: |mean difference|^2 + trace of the originals' covariance
+    net = InceptionV3(weights)
+    original_pool = net.activations(images.permute(0, 2, 3, 1))[0].astype(np.float64)
+    gray_pool = net.activations(gray[:1].permute(0, 2, 3, 1))[0][0]
+    expected_rfid = np.sum((gray_pool - original_pool.mean(0)) ** 2) + np.trace(np.cov(original_pool, rowvar=False))
+    assert got["rfid"] == pytest.approx(expected_rfid, rel=1e-3)
+    mean, std = latent_channel_stats(vae, images)
+    np.testing.assert_allclose(got["latent_mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["latent_std"], std, rtol=1e-5)
+    assert got["num_images"] == len(images) == 4
+
+
+def test_eval_vae_compares_vae_forms_in_one_table(tmp_path, data_dir, images, capsys):
+    first, second = random_vae(1), random_vae(2)
+    torch.save(first.state_dict(), tmp_path / "first.pt")
+    export_diffusers_vae(first, ARCH, tmp_path / "first-diffusers")
+    save_file(second.state_dict(), str(tmp_path / "second.safetensors"))
+    ckpts = [str(tmp_path / name) for name in ("first.pt", "first-diffusers", "second.safetensors")]
+    results = eval_vae.main(["--vae", ARCH, "--vae-ckpt", *ckpts, "--data-dir", str(data_dir), "--no-rfid",
+                             "--lpips-random-init", "--num-workers", "0", "--num-images", "3", "--device", "cpu",
+                             "--json", str(tmp_path / "out.json")])
+    assert list(results) == ckpts
+    assert json.loads((tmp_path / "out.json").read_text()) == results
+    table = capsys.readouterr().out
+    assert all(name in table for name in ckpts) and "PSNR" in table and "rFID" in table
+
+    pt, diffusers, other = results.values()
+    for key in ("psnr", "ssim", "lpips", "latent_mean", "latent_std"):
+        np.testing.assert_allclose(diffusers[key], pt[key], rtol=1e-5, atol=1e-6)  # one VAE, two forms
+    assert other["psnr"] != pytest.approx(pt["psnr"]) and other["latent_mean"] != pytest.approx(pt["latent_mean"])
+    assert pt["rfid"] is None and pt["num_images"] == 3
+    for vae, result in ((first, pt), (second, other)):
+        mean, std = latent_channel_stats(vae, images[:3])
+        np.testing.assert_allclose(result["latent_mean"], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result["latent_std"], std, rtol=1e-5)
+        with torch.no_grad():
+            reconstructions = eval_vae.to_uint8(vae.decode(vae.encode(preprocess_imgs_vae(images[:3])).mode()))
+        assert result["psnr"] == pytest.approx(eval_vae.psnr(reconstructions, images[:3]).mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("nothere.pt", "--vae-ckpt {ckpt}: checkpoint file not found"),
+    ("f16d32.pt", "--vae-ckpt {ckpt}: {ckpt} does not fit AutoencoderKL:"),
+])
+def test_eval_vae_bad_checkpoint_ends_with_one_line(tmp_path, data_dir, name, message):
+    ckpt = tmp_path / name
+    if name == "f16d32.pt":
+        torch.save(vae_models["f16d32-tiny"]().state_dict(), ckpt)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_vae.main(["--vae", ARCH, "--vae-ckpt", str(ckpt), "--data-dir", str(data_dir), "--no-rfid",
+                       "--lpips-random-init", "--num-workers", "0", "--device", "cpu"])
+    assert str(exit_info.value).startswith("error: " + message.format(ckpt=ckpt))
+    assert "\n" not in str(exit_info.value)
+
+
+def test_eval_vae_missing_data(tmp_path):
+    with pytest.raises(SystemExit, match="images_h5.json not found; run preprocessing.py first"):
+        eval_vae.main(["--vae", ARCH, "--vae-ckpt", "none", "--data-dir", str(tmp_path), "--no-rfid",
+                       "--lpips-random-init", "--device", "cpu"])

@@ -1,0 +1,368 @@
+"""evaluate.py and utils/evaluation.py: the ADM evaluator's formulas, the Inception features, the whole command."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+import evaluate
+from helpers import ROOT, run_script
+from utils import evaluation
+from utils.evaluation import (
+    INCEPTION_ENV,
+    INCEPTION_FILE,
+    INCEPTION_URL,
+    InceptionV3,
+    NpzImages,
+    fid_statistics,
+    frechet_distance,
+    inception_score,
+    inception_weights_path,
+    manifold_radii,
+    pairwise_distances,
+    precision_recall,
+)
+
+
+def random_inception_weights(folder):
+    """A weights file of the Inception network with random (unit-scale) weights; returns its path."""
+    torch.manual_seed(0)
+    path = folder / "random-inception.pth"
+    torch.save(InceptionV3().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    return random_inception_weights(tmp_path_factory.mktemp("inception"))
+
+
+@pytest.fixture(scope="module")
+def net(weights_file):
+    return InceptionV3(weights_file)
+
+
+def random_spd(rng, dim):
+    """A random symmetric positive definite matrix."""
+    a = rng.standard_normal((dim, dim))
+    return a @ a.T / dim + 0.1 * np.eye(dim)
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """tr((sigma1 sigma2)^1/2) through the symmetric form sigma1^1/2 sigma2 sigma1^1/2 (eigh only)."""
+    values, vectors = np.linalg.eigh(sigma1)
+    root = vectors @ np.diag(np.sqrt(values)) @ vectors.T
+    return np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma2 @ root), 0, None)).sum()
+
+
+def test_frechet_distance_identical_statistics_is_zero():
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.standard_normal(16), random_spd(rng, 16)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+
+
+def test_frechet_distance_closed_form():
+    rng = np.random.default_rng(1)
+    # commuting covariances (same eigenvectors): sum of (sqrt(a) - sqrt(b))^2 plus the squared mean distance
+    q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    a, b = rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
+    mu1, mu2 = rng.standard_normal(8), rng.standard_normal(8)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(expected, rel=1e-9)
+    # general covariances against the symmetric form of the trace term
+    sigma1, sigma2 = random_spd(rng, 12), random_spd(rng, 12)
+    mu1, mu2 = rng.standard_normal(12), rng.standard_normal(12)
+    expected = (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
+                - 2 * trace_sqrt_product(sigma1, sigma2))
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-9)
+    # scalars: N(0, 1) against N(1, 4)
+    assert frechet_distance(0.0, 1.0, 1.0, 4.0) == pytest.approx(1 + 1 + 4 - 2 * 2)
+
+
+def test_frechet_distance_singular_product_fallback(monkeypatch):
+    rng = np.random.default_rng(2)
+    sigma1, sigma2 = random_spd(rng, 6), random_spd(rng, 6)
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    products, real_sqrtm = [], linalg.sqrtm
+
+    def sqrtm_failing_once(matrix):
+        products.append(matrix)
+        return np.full_like(matrix, np.nan) if len(products) == 1 else real_sqrtm(matrix)
+
+    monkeypatch.setattr(evaluation.linalg, "sqrtm", sqrtm_failing_once)
+    with pytest.warns(UserWarning, match="singular product; adding 1e-06 to diagonal"):
+        got = frechet_distance(mu1, sigma1, mu2, sigma2)
+    offset = 1e-6 * np.eye(6)
+    np.testing.assert_array_equal(products[1], (sigma1 + offset) @ (sigma2 + offset))
+    expected = (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
+                - 2 * trace_sqrt_product(sigma1 + offset, sigma2 + offset))
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_rejects_mismatched_statistics():
+    with pytest.raises(ValueError, match="do not match"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_fid_statistics_are_mean_and_sample_covariance():
+    features = np.random.default_rng(3).standard_normal((50, 4)).astype(np.float32)
+    mu, sigma = fid_statistics(features)
+    centered = features.astype(np.float64) - features.mean(0)
+    np.testing.assert_allclose(mu, features.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(sigma, centered.T @ centered / 49, rtol=1e-6)
+
+
+def naive_inception_score(probs, split_size):
+    """exp(mean_i KL(p_i || mean p)) per split, averaged over splits, with plain loops."""
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        marginal = [sum(row[j] for row in part) / len(part) for j in range(len(part[0]))]
+        kls = [sum(p * (np.log(p) - np.log(m)) for p, m in zip(row, marginal)) for row in part]
+        scores.append(np.exp(sum(kls) / len(kls)))
+    return sum(scores) / len(scores)
+
+
+def test_inception_score():
+    assert inception_score(np.full((20, 10), 0.1)) == pytest.approx(1.0, abs=1e-12)
+    # ten confident predictions of ten different classes: IS close to 10
+    confident = np.full((10, 10), 1e-6) + np.eye(10) * (1 - 1e-5)
+    assert inception_score(confident) == pytest.approx(10, rel=1e-3)
+    probs = np.random.default_rng(4).dirichlet(np.ones(7), size=23)
+    assert inception_score(probs, split_size=10) == pytest.approx(naive_inception_score(probs, 10), rel=1e-10)
+    assert inception_score(probs) == pytest.approx(naive_inception_score(probs, 5000), rel=1e-10)
+
+
+def test_pairwise_distances_float16_with_float32_fallback():
+    rng = np.random.default_rng(5)
+    u, v = rng.standard_normal((6, 32)), rng.standard_normal((5, 32))
+    exact = ((u[:, None] - v[None]) ** 2).sum(-1)
+    got = pairwise_distances(torch.from_numpy(u), torch.from_numpy(v))
+    assert got.dtype == torch.float32
+    assert torch.equal(got, got.half().float())  # float16 values
+    np.testing.assert_allclose(got.numpy(), exact, atol=0.05 * exact.max())
+    # float16 overflows (squared norms > 65504): the block is computed in float32
+    u, v = u * 1000, v * 1000
+    got = pairwise_distances(torch.from_numpy(u), torch.from_numpy(v))
+    assert torch.isfinite(got).all()
+    np.testing.assert_allclose(got.numpy(), exact * 1e6, rtol=1e-4)
+
+
+def lattice_points(rng, count, dim=6, low=0, high=6):
+    """Integer points with small coordinates: every squared distance is exact in float16."""
+    return rng.integers(low, high, (count, dim)).astype(np.float32)
+
+
+def squared_distances(a, b):
+    """Exact squared distances (float64)."""
+    return ((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1)
+
+
+def naive_radii(features, k):
+    """Squared distance to the k-th nearest neighbour, the point itself being the 0-th."""
+    return np.sort(squared_distances(features, features), axis=1)[:, k]
+
+
+def naive_precision_recall(ref, samples, k):
+    """Fraction of samples inside some reference ball, and of references inside some sample ball."""
+    distances, ref_radii, sample_radii = squared_distances(ref, samples), naive_radii(ref, k), naive_radii(samples, k)
+    precision = np.mean([(distances[:, j] <= ref_radii).any() for j in range(len(samples))])
+    recall = np.mean([(distances[i] <= sample_radii).any() for i in range(len(ref))])
+    return precision, recall
+
+
+def test_manifold_radii_are_kth_neighbour_distances():
+    features = lattice_points(np.random.default_rng(6), 40)
+    for k in (1, 3):
+        np.testing.assert_array_equal(manifold_radii(features, k), naive_radii(features, k))
+    # blocks of 7 rows and columns give what one block gives
+    np.testing.assert_array_equal(manifold_radii(features, 3, batch_size=7), manifold_radii(features, 3))
+    with pytest.raises(ValueError, match="more than k=3"):
+        manifold_radii(features[:3])
+
+
+def test_precision_recall_of_shifted_point_clouds():
+    rng = np.random.default_rng(7)
+    ref = lattice_points(rng, 30)
+    far = ref + np.float32(100)
+    assert precision_recall(ref, ref) == (1.0, 1.0)
+    assert precision_recall(ref, far) == (0.0, 0.0)
+    # half the samples are the references, half lie far away: precision 1/2, every reference is covered
+    assert precision_recall(ref, np.concatenate([ref, far])) == (0.5, 1.0)
+    # a sample set holding half the references: all samples are on the reference manifold
+    precision, recall = precision_recall(ref, ref[:15])
+    assert precision == 1.0 and 0.5 <= recall < 1.0
+
+
+def test_precision_recall_matches_naive_estimator():
+    rng = np.random.default_rng(8)
+    ref, samples = lattice_points(rng, 37), lattice_points(rng, 23, low=1, high=7)
+    expected = naive_precision_recall(ref, samples, 3)
+    assert precision_recall(ref, samples) == pytest.approx(expected, abs=0)
+    assert precision_recall(ref, samples, batch_size=5) == pytest.approx(expected, abs=0)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+
+
+def random_images(count, size=24, seed=0):
+    """uint8 (count, size, size, 3) images."""
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def test_inception_features_shapes(net):
+    pool, spatial, probs = net.activations(random_images(3))
+    assert pool.shape == (3, 2048) and spatial.shape == (3, 17 * 17 * 7) and probs.shape == (3, 1008)
+    assert pool.dtype == spatial.dtype == probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+    assert pool.std(0).mean() > 0  # unit-scale random weights: features depend on the image
+
+
+def test_inception_features_do_not_depend_on_batching(net):
+    images = random_images(4, seed=1)
+    whole = net.activations(images)
+    parts = [np.concatenate(x) for x in zip(net.activations(images[:1]), net.activations(images[1:]))]
+    for a, b in zip(whole, parts):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_inception_features_are_pool3_and_mixed_6_conv(net):
+    images = random_images(2, size=40, seed=2)
+    pool, spatial, probs = net.activations(images)
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        reference_pool, logits = net(nchw)  # torch-fidelity's own forward on NCHW uint8
+        # run the network by hand up to Mixed_6d's 1x1 branch: TF mixed_6/conv
+        x = interpolate_bilinear_2d_like_tensorflow1x(nchw.float(), size=(299, 299), align_corners=False)
+        x = (x - 128) / 128
+        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1",
+                     "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                     "Mixed_6c"):
+            x = getattr(net, name)(x)
+        mixed_6_conv = net.Mixed_6d.branch1x1(x)
+    assert mixed_6_conv.shape == (2, 192, 17, 17)
+    expected_spatial = mixed_6_conv[:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # NHWC, as TensorFlow flattens
+    np.testing.assert_allclose(spatial, expected_spatial.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pool, reference_pool.numpy(), rtol=1e-6)
+    # the Inception Score's probabilities: softmax of pool_3 times the logits weights, no bias
+    np.testing.assert_allclose(probs, torch.softmax(reference_pool @ net.fc.weight.T, 1).numpy(), rtol=1e-5)
+
+
+def test_inception_takes_uint8_nhwc_only(net):
+    with pytest.raises(ValueError, match="uint8 images"):
+        net.activations(random_images(1).astype(np.float32))
+    with pytest.raises(ValueError, match="uint8 images"):
+        net.activations(random_images(1).transpose(0, 3, 1, 2))
+
+
+def test_inception_weights_lookup(tmp_path, monkeypatch, weights_file):
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FileNotFoundError) as error:
+        inception_weights_path()
+    message = str(error.value)
+    assert INCEPTION_FILE in message and INCEPTION_URL in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILE
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(weights_file)
+    assert inception_weights_path() == cached
+    monkeypatch.setenv(INCEPTION_ENV, str(weights_file))
+    assert inception_weights_path() == weights_file
+    assert inception_weights_path(str(cached)) == cached
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        inception_weights_path(str(tmp_path / "missing.pth"))
+
+
+def test_inception_rejects_other_weights(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(ValueError, match="other.pth is no " + INCEPTION_FILE):
+        InceptionV3(path)
+
+
+def test_npz_images_memory_mapped_or_streamed(tmp_path):
+    images = random_images(7, size=8)
+    np.savez(tmp_path / "stored.npz", arr_0=images, mu=np.zeros(2))
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
+    stored, compressed = NpzImages(tmp_path / "stored.npz"), NpzImages(tmp_path / "compressed.npz")
+    assert isinstance(stored.memmap, np.memmap) and compressed.memmap is None
+    for reader in (stored, compressed):
+        batches = list(reader.batches(3))
+        assert len(reader) == 7 and [len(b) for b in batches] == [3, 3, 1]
+        np.testing.assert_array_equal(np.concatenate(batches), images)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"images": random_images(2)}, "has no 'arr_0' array \\(it holds images\\)"),
+    ({"arr_0": random_images(2).astype(np.float32)}, "expected uint8 images"),
+    ({"arr_0": random_images(2)[..., 0]}, "expected uint8 images"),
+])
+def test_npz_images_rejects_bad_files(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=message):
+        NpzImages(tmp_path / "bad.npz")
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(ValueError, match="text.npz is no .npz file"):
+        NpzImages(tmp_path / "text.npz")
+
+
+def test_script_imports_no_torch_before_parsing():
+    code = "import sys, evaluate, eval_vae, visualize_latents; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("missing", "nothere.npz: no such file"),
+    ("bad_key", "has no 'arr_0' array"),
+    ("sizes", "score samples against the reference batch of their resolution"),
+    ("partial_stats", "holds only some precomputed statistics (no mu_s, sigma_s)"),
+    ("no_weights", f"Inception weights {INCEPTION_FILE} not found"),
+])
+def test_evaluate_bad_input_ends_with_one_line(tmp_path, monkeypatch, setup, message):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    ref, samples = tmp_path / "ref.npz", tmp_path / "samples.npz"
+    np.savez(ref, arr_0=random_images(4), **({"mu": np.zeros(2), "sigma": np.eye(2)} if setup == "partial_stats"
+                                              else {}))
+    np.savez(samples, **({"images": random_images(4)} if setup == "bad_key" else
+                         {"arr_0": random_images(4, size=32 if setup == "sizes" else 24)}))
+    argv = [str(ref), str(tmp_path / "nothere.npz" if setup == "missing" else samples), "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value)
+    assert "\n" not in str(exit_info.value)
+
+
+@pytest.mark.slow
+def test_evaluate_command(tmp_path, net, weights_file):
+    ref_images, sample_images = random_images(6, size=32, seed=3), random_images(7, size=32, seed=4)
+    # Precomputed reference statistics are used as they are; zero covariances keep the 2048x2048 matrix square
+    # roots cheap (seconds instead of a minute on two cores) and the expected distances closed-form.
+    ref_mu, ref_mu_s = np.full(2048, 0.01, dtype=np.float32), np.zeros(2023, dtype=np.float32)
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images, mu=ref_mu, sigma=np.zeros((2048, 2048)), mu_s=ref_mu_s,
+             sigma_s=np.zeros((2023, 2023)))
+    np.savez(tmp_path / "samples.npz", arr_0=sample_images)
+    result = run_script("evaluate.py", tmp_path / "ref.npz", tmp_path / "samples.npz", "--inception-weights",
+                        weights_file, "--batch-size", 3, "--device", "cpu", "--json", tmp_path / "out.json",
+                        env={"OMP_NUM_THREADS": "2"})
+    numbers = json.loads((tmp_path / "out.json").read_text())
+
+    ref_pool = net.activations(ref_images)[0]
+    pool, spatial, probs = net.activations(sample_images)
+    expected = {
+        "inception_score": naive_inception_score(probs.astype(np.float64), 5000),
+        "fid": np.sum((pool.mean(0) - ref_mu) ** 2) + np.trace(np.cov(pool, rowvar=False)),
+        "sfid": np.sum((spatial.mean(0) - ref_mu_s) ** 2) + np.trace(np.cov(spatial, rowvar=False)),
+    }
+    for key, value in expected.items():
+        assert numbers[key] == pytest.approx(value, rel=1e-3), key
+    assert (numbers["precision"], numbers["recall"]) == precision_recall(ref_pool, pool)
+    assert numbers["num_ref"] == 6 and numbers["num_samples"] == 7
+    assert numbers["inception_weights"] == str(weights_file)
+    printed = dict(line.split(": ") for line in result.stdout.splitlines() if line.count(": ") == 1)
+    assert [float(printed[name]) for name in ("Inception Score", "FID", "sFID", "Precision", "Recall")] == [
+        numbers[key] for key in ("inception_score", "fid", "sfid", "precision", "recall")]
