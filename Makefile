@@ -13,6 +13,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 setup: $(VENV)/.installed
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 test-fast: $(VENV)/.installed
@@ -21,5 +22,8 @@ test-fast: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) demo.py
 
+# Training steps, sampling and data throughput on a configuration sized for a CPU; flags: bench/*.py --help.
 bench: $(VENV)/.installed
 	$(PY) bench/bench_step.py
+	$(PY) bench/bench_sampling.py
+	$(PY) bench/bench_data.py

@@ -11,23 +11,23 @@ exactly once whatever the number of processes.
 import argparse
 import json
 import os
-import sys
 
-import h5py
-import numpy as np
-import torch
-from accelerate import Accelerator
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from utils.errors import UserError, report_user_errors
 
-from models.autoencoder import vae_models
-from utils.data import ImageDataset, latent_name
-from utils.files import atomic_write
-from utils.latents import latent_shape, load_vae, preprocess_imgs_vae
+VAE_ARCHS = ("f8d4, f16d32 (f8d4-tiny, f16d32-tiny for smoke runs), or diffusers: any diffusers AutoencoderKL "
+             "folder given as --vae-ckpt-path")
 
 
 def build_vae(arch, ckpt_path, random_init):
     """The VAE from its checkpoint, or (smoke runs) randomly initialised with the same weights on every rank."""
+    import torch
+
+    from models.autoencoder import DIFFUSERS_VAE, vae_models
+    from utils.latents import load_vae
+
+    if random_init and arch == DIFFUSERS_VAE:
+        raise UserError(f"--vae-random-init needs one of the layouts {', '.join(vae_models)}: with --vae-arch "
+                        f"{DIFFUSERS_VAE} the network comes from --vae-ckpt-path")
     if random_init:
         with torch.random.fork_rng(devices=[]):  # seeded here only: the caller's random state stays as it was
             torch.manual_seed(0)
@@ -43,15 +43,21 @@ def rank_slices(num_items, batch_size, num_processes, rank):
             for start in range(0, num_items, step)]
 
 
-@torch.no_grad()
 def encode(vae, images):
     """uint8 images -> float32 (B, 2C, h, w): posterior mean then posterior std."""
-    posterior = vae.encode(preprocess_imgs_vae(images))
-    return torch.cat([posterior.mean, posterior.std], dim=1).float()
+    import torch
+
+    from utils.latents import preprocess_imgs_vae
+
+    with torch.no_grad():
+        posterior = vae.encode(preprocess_imgs_vae(images))
+        return torch.cat([posterior.mean, posterior.std], dim=1).float()
 
 
 def gathered_latents(vae, loader, slices, batch_size, accelerator, shape):
     """Per global step, the latents of all processes in dataset order (every process takes part in the gather)."""
+    import torch
+
     batches = iter(loader)
     for indices in slices:
         # Pad to a fixed size so all processes gather equal shapes; slices are contiguous, so row k of the
@@ -65,6 +71,12 @@ def gathered_latents(vae, loader, slices, batch_size, accelerator, shape):
 
 def write_latents(h5_path, json_path, names, labels, batches, desc):
     """Write each latent as a raw float32 array at its name, the labels, then the name list; all or nothing."""
+    import h5py
+    import numpy as np
+    from tqdm import tqdm
+
+    from utils.files import atomic_write
+
     progress = tqdm(total=len(names), desc=desc, unit="img")
     with atomic_write(h5_path) as tmp_h5, atomic_write(json_path) as tmp_json:
         with h5py.File(tmp_h5, "w") as h5f:
@@ -82,21 +94,31 @@ def write_latents(h5_path, json_path, names, labels, batches, desc):
     progress.close()
 
 
-def parse_args(argv=None):
-    """Parse the caching flags."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--vae-arch", type=str, default="f16d32", choices=list(vae_models))
+def build_parser():
+    """The caching flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--vae-arch", type=str, default="f16d32", help=f"VAE layout: {VAE_ARCHS}")
     parser.add_argument("--vae-ckpt-path", type=str, default="pretrained/repae-invae-400k/repae-invae-400k.pt",
                         help="NAME.pt state dict, .safetensors, a diffusers folder or a hub id (REPA-E/e2e-vavae)")
     parser.add_argument("--vae-latents-name", type=str, default="repae-invae-400k",
                         help="writes OUTPUT/NAME.h5 and OUTPUT/NAME_h5.json")
     parser.add_argument("--data-dir", type=str, default="data", help="folder holding images.h5")
-    parser.add_argument("--output-dir", type=str, default="data")
+    parser.add_argument("--output-dir", type=str, default="data", help="folder for NAME.h5 and NAME_h5.json")
     parser.add_argument("--pproc-batch-size", type=int, default=128, help="images per process per step")
     parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
     parser.add_argument("--vae-random-init", action="store_true", help="random VAE weights (smoke runs)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse the caching flags."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.pproc_batch_size <= 0 or args.num_workers < 0:
+        parser.error("--pproc-batch-size must be positive and --num-workers non-negative")
+    return args
 
 
 def main(argv=None):
@@ -106,7 +128,17 @@ def main(argv=None):
     json_path = os.path.join(args.output_dir, f"{args.vae_latents_name}_h5.json")
     for path in (h5_path, json_path):
         if os.path.exists(path) and not args.overwrite:
-            sys.exit(f"error: {path} already exists; pass --overwrite to replace it")
+            raise UserError(f"{path} already exists; pass --overwrite to replace it")
+
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from models.autoencoder import vae_names
+    from utils.data import ImageDataset, latent_name
+    from utils.latents import latent_shape
+
+    if args.vae_arch not in vae_names:
+        raise UserError(f"--vae-arch {args.vae_arch} is unknown; known: {', '.join(vae_names)}")
     dataset = ImageDataset(args.data_dir)
 
     accelerator = Accelerator()
@@ -129,4 +161,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors(main)()

@@ -12,7 +12,8 @@ Also reported: the mean and standard deviation of every latent channel over all 
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from utils.errors import report_user_errors
 
 METRICS = (("PSNR", "psnr"), ("SSIM", "ssim"), ("LPIPS", "lpips"), ("rFID", "rfid"))
 
@@ -21,8 +22,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show defaults and keep the docstring's layout."""
 
 
-def parse_args(argv=None):
-    """Command-line flags."""
+def build_parser():
+    """The command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--vae", type=str, default="f8d4",
                         help="VAE layout: f8d4 or f16d32 (f8d4-tiny, f16d32-tiny for smoke runs)")
@@ -46,6 +47,12 @@ def parse_args(argv=None):
     parser.add_argument("--lpips-random-init", action="store_true",
                         help="random LPIPS VGG trunk: LPIPS is then only a smoke test")
     parser.add_argument("--seed", type=int, default=0, help="seed of a random VAE ('none')")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse and check the command-line flags."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size <= 0 or (args.num_images is not None and args.num_images <= 0):
         parser.error("--batch-size and --num-images must be positive")
@@ -170,21 +177,20 @@ def format_table(results):
 def main(argv=None):
     """Parse flags, evaluate every VAE, print the table, write --json; returns {ckpt: results}."""
     args = parse_args(argv)
-    try:
-        results = run(args)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+    results = run(args)
     print(format_table(results))
     if args.inception_random_init and args.rfid:
         print("WARNING: random Inception weights: rFID is only a smoke test", file=sys.stderr)
     if args.lpips_random_init:
         print("WARNING: random LPIPS trunk: LPIPS is only a smoke test", file=sys.stderr)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        from utils.files import atomic_write
+
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
         print(f"Wrote {args.json}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors(main)()

@@ -10,7 +10,8 @@ present, are used as they are); SAMPLES is the .npz generate.py writes. Both are
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from utils.errors import UserError, report_user_errors
 
 REF_STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
@@ -19,8 +20,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show defaults and keep the docstring's layout."""
 
 
-def parse_args(argv=None):
-    """Command-line flags."""
+def build_parser():
+    """The command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("ref_batch", type=str, help="reference batch .npz (arr_0 uint8 NHWC, optional mu/sigma/...)")
     parser.add_argument("sample_batch", type=str, help="sample batch .npz (arr_0 uint8 NHWC), as generate.py writes")
@@ -32,6 +33,12 @@ def parse_args(argv=None):
                              "$REPAE_INCEPTION_WEIGHTS, else $TORCH_HOME/hub/checkpoints/)")
     parser.add_argument("--inception-random-init", action="store_true",
                         help="random Inception weights: the numbers are then only a smoke test")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse and check the command-line flags."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size <= 0:
         parser.error("--batch-size must be positive")
@@ -48,7 +55,7 @@ def read_reference_statistics(path):
             return None
         if len(present) < len(REF_STATS_KEYS):
             missing = ", ".join(key for key in REF_STATS_KEYS if key not in present)
-            raise ValueError(f"{path} holds only some precomputed statistics (no {missing}): "
+            raise UserError(f"{path} holds only some precomputed statistics (no {missing}): "
                              "give all of mu, sigma, mu_s, sigma_s or none")
         return (npz["mu"], npz["sigma"]), (npz["mu_s"], npz["sigma_s"])
 
@@ -78,7 +85,7 @@ def evaluate(args):
 
     ref_images, sample_images = NpzImages(args.ref_batch), NpzImages(args.sample_batch)
     if ref_images.shape[1:] != sample_images.shape[1:]:
-        raise ValueError(f"{args.ref_batch} holds {ref_images.shape[1:]} images but {args.sample_batch} "
+        raise UserError(f"{args.ref_batch} holds {ref_images.shape[1:]} images but {args.sample_batch} "
                          f"{sample_images.shape[1:]}: score samples against the reference batch of their resolution")
     ref_statistics = read_reference_statistics(args.ref_batch)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,21 +112,20 @@ def evaluate(args):
 def main(argv=None):
     """Parse flags, evaluate, print as the ADM evaluator does, write --json; returns the numbers."""
     args = parse_args(argv)
-    try:
-        results = evaluate(args)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+    results = evaluate(args)
     for name, key in [("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
                       ("Precision", "precision"), ("Recall", "recall")]:
         print(f"{name}: {results[key]}")
     if args.inception_random_init:
         print("WARNING: random Inception weights: these numbers are only a smoke test", file=sys.stderr)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        from utils.files import atomic_write
+
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
         print(f"Wrote {args.json}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors(main)()

@@ -6,7 +6,9 @@
 Samples come from the EMA weights. The folder SAMPLE_DIR/EXPNAME_STEP_cfgSCALE-LOW-HIGH, each process's seed
 and the image numbering are those of REPA-E's sampling script, so a run reproduces its random stream. A stopped run
 restarts where it stopped: batches whose PNGs all exist are not sampled again, but their random numbers are
-still drawn, so every other image comes out as in an uninterrupted run. An existing .npz means nothing to do.
+still drawn, so every other image comes out as in an uninterrupted run. The settings that made an .npz are kept
+beside it (NAME.settings.json): an existing .npz made with the same settings means nothing to do, one made with
+other settings is refused, one without that record (older code) is kept as it is.
 """
 import argparse
 import datetime
@@ -15,20 +17,7 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from PIL import Image
-from tqdm import tqdm
-
-from models.autoencoder import vae_models
-from models.sit import SiT_models
-from utils.checkpoint import checkpoint_file, list_checkpoints, load_file, load_state_dict_strict
-from utils.distributed import from_main_process
-from utils.files import atomic_write
-from utils.hub import resolve_weights
-from utils.latents import denormalize_latents, latent_shape, load_vae, stats_from_batchnorm
-from utils.samplers import euler_maruyama_sampler, euler_sampler
+from utils.errors import UserError, report_user_errors
 
 # Sampled when neither --exp-path nor --ckpt is given.
 DEFAULT_EXP_PATH = "pretrained/sit-xl-dinov2-b-enc8-repae-sdvae-0.5-1.5-400k"
@@ -38,19 +27,27 @@ CONFIG_DEFAULTS = dict(resolution=256, num_classes=1000, encoder_depth=8, cfg_pr
                        fused_attn=True, bn_momentum=0.1)
 # Kept in the sample folder: PNGs of an interrupted run are reused only under the same settings.
 SETTINGS_FILE = "sampling.json"
+# Kept beside SAMPLE_DIR/NAME.npz as NAME.settings.json: what made the .npz (evaluate.py's --json is NAME.json).
+NPZ_SETTINGS_SUFFIX = ".settings.json"
 
 
-def parse_args(argv=None):
-    """Parse and check the sampling flags."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--global-seed", type=int, default=0)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the docstring's layout."""
+
+
+def build_parser():
+    """The sampling flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--global-seed", type=int, default=0,
+                        help="base seed: process r uses (SEED + r) * WORLD_SIZE // 2, as REPA-E")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on GPUs (fast, slightly different numbers)")
-    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument("--sample-dir", type=str, default="samples",
+                        help="PNGs go to SAMPLE_DIR/EXPNAME_STEP_cfgSCALE-LOW-HIGH/, the .npz beside that folder")
     parser.add_argument("--exp-path", type=str, default=None,
-                        help=f"experiment folder with args.json and checkpoints/ (default {DEFAULT_EXP_PATH})")
+                        help=f"experiment folder with args.json and checkpoints/ (none given: {DEFAULT_EXP_PATH})")
     parser.add_argument("--train-steps", type=str, default=None,
-                        help="checkpoint step to sample from (default: the newest in EXP/checkpoints)")
+                        help="checkpoint step to sample from (none given: the newest in EXP/checkpoints)")
     parser.add_argument("--ckpt", type=str, default=None,
                         help="checkpoint file (or hub id, e.g. REPA-E/sit-repae-sdvae) to sample from; model "
                              "settings come from --exp-path's args.json if given, else from the checkpoint's own args")
@@ -59,15 +56,23 @@ def parse_args(argv=None):
                              "checkpoint's (REPA-E) or args.json's vae_ckpt (latent diffusion only); REPA-E "
                              "checkpoints keep the latent statistics of their SiT batch-norm")
     parser.add_argument("--pproc-batch-size", type=int, default=256, help="images per process and batch")
-    parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    parser.add_argument("--mode", type=str, default="ode", choices=["ode", "sde"])
-    parser.add_argument("--cfg-scale", type=float, default=1.5)
-    parser.add_argument("--path-type", type=str, default="linear", choices=["linear", "cosine"])
-    parser.add_argument("--num-steps", type=int, default=50)
+    parser.add_argument("--num-fid-samples", type=int, default=50_000, help="images in the .npz")
+    parser.add_argument("--mode", type=str, default="ode", choices=["ode", "sde"],
+                        help="sampler: Euler ODE or Euler-Maruyama SDE")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--path-type", type=str, default="linear", choices=["linear", "cosine"],
+                        help="interpolant the model was trained with")
+    parser.add_argument("--num-steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
                         help="Heun's method (ODE only)")
-    parser.add_argument("--guidance-low", type=float, default=0.0)
-    parser.add_argument("--guidance-high", type=float, default=1.0)
+    parser.add_argument("--guidance-low", type=float, default=0.0, help="guidance only for times above this")
+    parser.add_argument("--guidance-high", type=float, default=1.0, help="guidance only for times below this")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse and check the sampling flags."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.cfg_scale < 1.0:
         parser.error("--cfg-scale must be >= 1.0")
@@ -80,6 +85,9 @@ def parse_args(argv=None):
 
 def setup_distributed():
     """Join the torchrun process group (NCCL on GPUs, gloo on CPU); a plain `python` run is one process."""
+    import torch
+    import torch.distributed as dist
+
     cuda = torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
@@ -94,6 +102,9 @@ def setup_distributed():
 
 def resolve_checkpoint(args, rank):
     """(checkpoint file, experiment name, 7-digit step) from --ckpt or --exp-path / --train-steps."""
+    from utils.checkpoint import checkpoint_file, list_checkpoints
+    from utils.hub import resolve_weights
+
     if args.ckpt is not None:
         ckpt = resolve_weights(args.ckpt)
         named = Path(args.ckpt)  # the name as given: a hub id names the run after its repo, not the cache folder
@@ -111,7 +122,7 @@ def resolve_checkpoint(args, rank):
     if args.train_steps is None:
         steps = list_checkpoints(args.exp_path)
         if not steps:
-            raise SystemExit(f"no checkpoints in {Path(args.exp_path) / 'checkpoints'}: pass --train-steps or --ckpt")
+            raise UserError(f"no checkpoints in {Path(args.exp_path) / 'checkpoints'}: pass --train-steps or --ckpt")
         args.train_steps = str(steps[-1])
     step = str(args.train_steps).zfill(7)
     return checkpoint_file(args.exp_path, int(step)), os.path.basename(os.path.normpath(args.exp_path)), step
@@ -124,43 +135,99 @@ def sampling_settings(args, world_size):
     return dict({key: getattr(args, key) for key in keys}, world_size=world_size)
 
 
-def prepare_folder(folder, settings, ckpt_path):
-    """On rank 0: ("done", npz) if the .npz exists, ("error", message) if sampling cannot start, else ("run", None)."""
+def npz_settings(args, world_size, ckpt_path, step):
+    """What decides the .npz: the sampling settings, the checkpoint and its step, the number of images."""
+    return dict(sampling_settings(args, world_size), checkpoint=str(Path(ckpt_path).resolve()), step=step,
+                num_fid_samples=args.num_fid_samples)
+
+
+def npz_settings_file(npz):
+    """SAMPLE_DIR/NAME.settings.json beside SAMPLE_DIR/NAME.npz."""
+    return npz.with_name(npz.name.removesuffix(".npz") + NPZ_SETTINGS_SUFFIX)
+
+
+def differences(recorded, now):
+    """'key: RECORDED recorded, NOW now' for every setting that differs, or an empty string."""
+    return "; ".join(f"{key}: {recorded.get(key)!r} recorded, {value!r} now"
+                     for key, value in now.items() if recorded.get(key) != value)
+
+
+def read_json(path, fix="remove it"):
+    """The JSON object in a file; a damaged one raises UserError naming it and saying `fix`."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as error:
+        raise UserError(f"{path} is not valid JSON ({error}): {fix}") from error
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object: {fix}")
+    return value
+
+
+def prepare_folder(folder, settings, npz_record, ckpt_path):
+    """On rank 0, before anything is loaded or written: ("done", message) if the .npz exists with the same (or
+    unknown) settings, ("error", message) if sampling cannot start, else ("run", None)."""
     npz = folder.with_name(folder.name + ".npz")
     if npz.is_file():
-        return "done", str(npz)
+        record = npz_settings_file(npz)
+        if not record.is_file():
+            return "done", (f"Skipping sampling as {npz} already exists (its settings are unknown: no {record.name} "
+                            "beside it).")
+        changed = differences(read_json(record), npz_record)
+        if changed:
+            return "error", (f"{npz} was made with other settings ({changed}): pass another --sample-dir, or remove "
+                             f"{npz} to sample again")
+        return "done", f"Skipping sampling as {npz} already exists."
     if not ckpt_path.is_file():
         return "error", f"checkpoint not found: {ckpt_path}"
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / SETTINGS_FILE
     if path.is_file():
-        recorded = json.loads(path.read_text())
-        changed = {key: (recorded.get(key), value) for key, value in settings.items() if recorded.get(key) != value}
+        changed = differences(read_json(path), settings)
         if changed:
-            return "error", (f"{folder} holds samples made with other settings (recorded, now): {changed}; "
-                             "remove the folder or pass another --sample-dir")
-    else:
+            return "error", (f"{folder} holds samples made with other settings ({changed}): remove the folder or "
+                             "pass another --sample-dir")
+    return "run", None
+
+
+def record_settings(folder, settings):
+    """Write SETTINGS_FILE into the sample folder unless it is there (prepare_folder checked that it matches)."""
+    from utils.files import atomic_write
+
+    path = folder / SETTINGS_FILE
+    if not path.is_file():
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    return "run", None
 
 
 def load_config(args, checkpoint, ckpt_path):
     """Model settings: EXP/args.json when there is an experiment folder, else the checkpoint's own args."""
+    from models.autoencoder import vae_names
+    from models.sit import SiT_models
+
     if args.exp_path is not None:
-        with open(Path(args.exp_path) / "args.json") as handle:
-            config = json.load(handle)
+        config = read_json(Path(args.exp_path) / "args.json", "restore the training run's args.json, or pass "
+                           "--ckpt alone to take the settings from the checkpoint")
     elif "args" in checkpoint:
         saved = checkpoint["args"]
         config = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)
     else:
-        raise SystemExit(f"{ckpt_path} holds no training args: pass --exp-path EXP with EXP/args.json")
+        raise UserError(f"{ckpt_path} holds no training args: pass --exp-path EXP with EXP/args.json")
     config = {**CONFIG_DEFAULTS, **config}
-    if config["model"] not in SiT_models:
-        raise SystemExit(f"unknown model {config['model']!r} in the training args; known: {', '.join(SiT_models)}")
-    if config["vae"] not in vae_models:
-        raise SystemExit(f"unknown vae {config['vae']!r} in the training args; known: {', '.join(vae_models)}")
+    if config.get("model") not in SiT_models:
+        raise UserError(f"unknown model {config.get('model')!r} in the training args; known: {', '.join(SiT_models)}")
+    if config.get("vae") not in vae_names:
+        raise UserError(f"unknown vae {config.get('vae')!r} in the training args; known: {', '.join(vae_names)}")
     return config
+
+
+def check_training_checkpoint(checkpoint, ckpt_path):
+    """Raise UserError unless the checkpoint is a training checkpoint with EMA weights."""
+    from collections.abc import Mapping
+
+    if not isinstance(checkpoint, Mapping) or "ema" not in checkpoint:
+        held = f"keys {', '.join(map(str, checkpoint))}" if isinstance(checkpoint, Mapping) else \
+            f"a {type(checkpoint).__name__}"
+        raise UserError(f"{ckpt_path} holds {held}, not a training checkpoint with 'ema' weights: pass "
+                        "EXP/checkpoints/STEP.pt of a training run")
 
 
 def projector_shapes(ema_state):
@@ -174,6 +241,8 @@ def projector_shapes(ema_state):
 
 def uninitialized(build, device, **kwargs):
     """build(**kwargs) on device without weight init (seconds for big models): a strict load fills every tensor."""
+    import torch
+
     with torch.device("meta"):
         module = build(**kwargs)
     return module.to_empty(device=device)
@@ -181,6 +250,10 @@ def uninitialized(build, device, **kwargs):
 
 def load_sit(config, ema_state, source, shape, device):
     """The SiT of the training args for latents of `shape` (C, H, W) with the EMA weights, in eval mode."""
+    from models.sit import SiT_models
+    from utils.checkpoint import check_state_dict, load_state_dict_strict
+
+    check_state_dict(ema_state, f"{source} [ema]", "SiT")
     z_dims, projector_dim = projector_shapes(ema_state)
     model = uninitialized(
         SiT_models[config["model"]],
@@ -202,17 +275,17 @@ def load_sit(config, ema_state, source, shape, device):
 
 def load_autoencoder(config, checkpoint, source, vae_ckpt, device):
     """(VAE, latent statistics or None) where None means: use the SiT batch-norm's (REPA-E checkpoints)."""
+    from utils.latents import load_vae, vae_from_checkpoint
+
     arch = config["vae"]
     if "vae" in checkpoint:
         if vae_ckpt is not None:
             return load_vae(arch, vae_ckpt, require_stats=False)[0], None
-        vae = uninitialized(vae_models[arch], device)
-        load_state_dict_strict(vae, checkpoint["vae"], f"{source} [vae]")
-        return vae, None
+        return vae_from_checkpoint(arch, checkpoint, source, device), None  # --vae diffusers: its vae_config
     # latent-diffusion-only checkpoints were trained on a fixed VAE and its statistics file
     vae_ckpt = vae_ckpt or config.get("vae_ckpt")
     if not vae_ckpt:
-        raise SystemExit(f"{source} holds no VAE and the training args name no vae_ckpt: pass --vae-ckpt")
+        raise UserError(f"{source} holds no VAE and the training args name no vae_ckpt: pass --vae-ckpt")
     return load_vae(arch, vae_ckpt)
 
 
@@ -223,25 +296,38 @@ class NullVelocity:
         self.num_classes = num_classes
 
     def inference(self, x, t, y):
+        import torch
+
         return torch.zeros_like(x)
 
 
 def to_uint8(images):
     """Decoded images in [-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), truncating like the reference samples."""
+    import torch
+
     images = torch.clamp(255.0 * (images + 1) / 2, 0, 255)
     return images.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
 
 
 def save_png(image, path):
     """Write a PNG atomically, so an interrupted run never leaves a truncated file that looks finished."""
+    from PIL import Image
+
+    from utils.files import atomic_write
+
     with atomic_write(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
 
 
-@torch.no_grad()
 def sample_pngs(args, model, vae, stats, folder, rank, world_size, seed, shape):
     """Sample this process's share: one seed, batch b's image i numbered i * world + rank + b * global."""
-    sampler = euler_maruyama_sampler if args.mode == "sde" else euler_sampler
+    import torch
+    from tqdm import tqdm
+
+    from utils import samplers
+    from utils.latents import denormalize_latents
+
+    sampler = samplers.euler_maruyama_sampler if args.mode == "sde" else samplers.euler_sampler
     null_model = NullVelocity(model.num_classes)
     device = next(model.parameters()).device
     n = args.pproc_batch_size
@@ -255,18 +341,27 @@ def sample_pngs(args, model, vae, stats, folder, rank, world_size, seed, shape):
         y = torch.randint(0, model.num_classes, (n,), device=device)
         paths = [folder / f"{i * world_size + rank + batch * global_batch:06d}.png" for i in range(n)]
         done = all(path.is_file() for path in paths)
-        latents = sampler(model=null_model if done else model, latents=z, y=y, num_steps=args.num_steps,
-                          heun=args.heun, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-                          guidance_high=args.guidance_high, path_type=args.path_type)
-        if done:
-            continue
-        latents = denormalize_latents(latents.to(torch.float32), stats)
-        for image, path in zip(to_uint8(vae.decode(latents)), paths):
+        with torch.no_grad():
+            latents = sampler(model=null_model if done else model, latents=z, y=y, num_steps=args.num_steps,
+                              heun=args.heun, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+                              guidance_high=args.guidance_high, path_type=args.path_type)
+            if done:
+                continue
+            latents = denormalize_latents(latents.to(torch.float32), stats)
+            images = to_uint8(vae.decode(latents))
+        for image, path in zip(images, paths):
             save_png(image, path)
 
 
-def create_npz(folder, num):
-    """Pack folder/000000.png ... into folder.npz with arr_0 uint8 (num, H, W, 3), written atomically."""
+def create_npz(folder, num, record):
+    """Pack folder/000000.png ... into folder.npz with arr_0 uint8 (num, H, W, 3), and `record` into
+    NAME.settings.json beside it, each written atomically (the record first: a .npz never comes without it)."""
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from utils.files import atomic_write
+
     with Image.open(folder / f"{0:06d}.png") as first:
         shape = np.asarray(first).shape
     samples = np.empty((num, *shape), dtype=np.uint8)
@@ -274,6 +369,8 @@ def create_npz(folder, num):
         with Image.open(folder / f"{i:06d}.png") as image:
             samples[i] = np.asarray(image)
     npz = folder.with_name(folder.name + ".npz")
+    with atomic_write(npz_settings_file(npz)) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
     with atomic_write(npz) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, arr_0=samples)  # through a handle: given a path, np.savez would append .npz to it
     print(f"Saved .npz file to {npz} [shape={samples.shape}].")
@@ -282,18 +379,26 @@ def create_npz(folder, num):
 
 def run(args, rank, world_size, device):
     """Sample (or finish sampling) and return the .npz path."""
+    import torch
+    import torch.distributed as dist
+
+    from utils.checkpoint import load_file
+    from utils.distributed import from_main_process
+    from utils.latents import latent_shape, stats_from_batchnorm
+
     ckpt_path, exp_name, step = resolve_checkpoint(args, rank)
     folder = Path(f"{args.sample_dir}/{exp_name}_{step}_cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}")
-    status, detail = from_main_process(prepare_folder(folder, sampling_settings(args, world_size), ckpt_path)
-                                       if rank == 0 else None)
+    settings, record = sampling_settings(args, world_size), npz_settings(args, world_size, ckpt_path, step)
+    status, detail = from_main_process(prepare_folder(folder, settings, record, ckpt_path) if rank == 0 else None)
     if status == "done":
         if rank == 0:
-            print(f"Skipping sampling as {detail} already exists.")
-        return Path(detail)
+            print(detail)
+        return folder.with_name(folder.name + ".npz")
     if status == "error":
-        raise SystemExit(detail)
+        raise UserError(detail)
 
     checkpoint = load_file(ckpt_path, map_location=device)
+    check_training_checkpoint(checkpoint, ckpt_path)
     config = load_config(args, checkpoint, ckpt_path)
     vae, stats = load_autoencoder(config, checkpoint, ckpt_path, args.vae_ckpt, device)
     shape = latent_shape(vae, config["resolution"])
@@ -303,6 +408,8 @@ def run(args, rank, world_size, device):
         stats = stats_from_batchnorm(model.bn.running_mean, model.bn.running_var)
     stats = {key: value.to(device, torch.float32) for key, value in stats.items()}
     model, vae = model.to(device), vae.to(device).eval()
+    if rank == 0:  # everything loaded: only now is anything written
+        record_settings(folder, settings)
 
     seed = (args.global_seed + rank) * world_size // 2  # REPA-E's per-process seed, to reproduce its samples
     print(f"Starting rank={rank}, seed={seed}, world_size={world_size}; saving .png samples at {folder}")
@@ -311,13 +418,16 @@ def run(args, rank, world_size, device):
         dist.barrier()  # every PNG is on disk before rank 0 packs them
     npz = folder.with_name(folder.name + ".npz")
     if rank == 0:
-        create_npz(folder, args.num_fid_samples)
+        create_npz(folder, args.num_fid_samples, record)
     return npz
 
 
 def main(argv=None):
     """Entry point for torchrun or plain python."""
     args = parse_args(argv)
+    import torch
+    import torch.distributed as dist
+
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     rank, world_size, device = setup_distributed()
@@ -329,4 +439,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors(main)()

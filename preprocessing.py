@@ -14,12 +14,7 @@ import os
 import sys
 from collections import Counter
 
-import h5py
-import numpy as np
-from PIL import Image
-from tqdm import tqdm
-
-from utils.files import atomic_write
+from utils.errors import UserError, report_user_errors
 
 # Images wider (or taller) than this many times their short side are skipped: resizing their short side to the
 # target would make a huge intermediate image (a 1x100000 strip becomes 256x25600000).
@@ -28,6 +23,9 @@ MAX_ASPECT_RATIO = 32
 
 def center_crop_arr(arr, image_size):
     """ADM center crop: halve with a box filter while the short side >= 2*image_size, bicubic resize, crop."""
+    import numpy as np
+    from PIL import Image
+
     pil_image = Image.fromarray(arr)
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
@@ -57,18 +55,16 @@ def walk_files(folder):
 
 def list_images(source_dir, max_images=None):
     """Sorted (path, label or None) of every file with an image extension under source_dir, and the class count."""
+    from PIL import Image
+
     Image.init()
     paths = [p for p in walk_files(source_dir) if os.path.splitext(p)[1].lower() in Image.EXTENSION]
     rel = {p: os.path.relpath(p, source_dir).replace(os.sep, "/") for p in paths}
     paths = sorted(paths, key=rel.get)[:max_images]
 
     meta_path = os.path.join(source_dir, "dataset.json")
-    labels = None
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            labels = json.load(f).get("labels")
+    labels = read_source_labels(meta_path) if os.path.isfile(meta_path) else None
     if labels is not None:
-        labels = {name: int(label) for name, label in labels}
         return [(p, labels.get(rel[p])) for p in paths], len(set(labels.values()))
 
     # No dataset.json: one class per top-level folder (files at the top level form a class of their own).
@@ -77,8 +73,23 @@ def list_images(source_dir, max_images=None):
     return [(p, classes[tops[p]]) for p in paths], len(classes)
 
 
+def read_source_labels(meta_path):
+    """{relative path: class} from a source dataset.json ({"labels": [[path, class], ...]}), or None if it has none."""
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        labels = meta.get("labels") if isinstance(meta, dict) else []
+        return None if labels is None else {name: int(label) for name, label in labels}
+    except (ValueError, TypeError, AttributeError) as error:  # not JSON, or not the layout above
+        raise UserError(f"{meta_path} is not a labels file {{\"labels\": [[path, class], ...]}} ({error}): fix or "
+                        "remove it (without it, classes come from the folder names)") from error
+
+
 def read_rgb(path):
     """Decode an image file to an (H, W, 3) uint8 array; returns (array, source mode)."""
+    import numpy as np
+    from PIL import Image
+
     with Image.open(path) as im:
         mode = im.mode
         if mode.startswith("I;16"):
@@ -89,6 +100,8 @@ def read_rgb(path):
 
 def encode_png(arr):
     """Uncompressed PNG bytes of an RGB uint8 array (fast to decode while training)."""
+    from PIL import Image
+
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="png", compress_level=0, optimize=False)
     return buf.getvalue()
@@ -109,6 +122,8 @@ def process_image(task):
 
 def write_dataset(h5f, name, data):
     """Store bytes as a scalar byte-string dataset at name (groups created as needed)."""
+    import numpy as np
+
     h5f.create_dataset(name, data=np.array(data, dtype="S"))
 
 
@@ -121,6 +136,8 @@ def decode_all(pool, tasks, num_workers, chunksize=8):
 
 def convert(items, h5f, resolution, num_workers):
     """Crop and store every image of items into h5f in order; returns (labels, Counter of outcomes, skipped)."""
+    from tqdm import tqdm
+
     labels, stats, skipped = [], Counter(), []
     with multiprocessing.Pool(num_workers) as pool:
         results = decode_all(pool, [(path, resolution) for path, _ in items], num_workers)
@@ -146,40 +163,54 @@ def check_output(paths, overwrite):
     """Refuse to replace existing outputs unless overwrite is set."""
     for path in paths:
         if os.path.exists(path) and not overwrite:
-            sys.exit(f"error: {path} already exists; pass --overwrite to replace it")
+            raise UserError(f"{path} already exists; pass --overwrite to replace it")
 
 
-def parse_args(argv=None):
-    """Parse the preprocessing flags."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser():
+    """The preprocessing flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--imagenet-path", type=str, required=True, help="source image folder (class subfolders)")
     parser.add_argument("--output-path", type=str, default="data", help="folder for images.h5 and images_h5.json")
     parser.add_argument("--resolution", type=int, default=256, help="side of the square center crop")
     parser.add_argument("--num-workers", type=int, default=16, help="decoding processes")
     parser.add_argument("--max-images", type=int, default=None, help="only the first N files (sorted)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse the preprocessing flags."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resolution <= 0 or args.num_workers < 0:
+        parser.error("--resolution must be positive and --num-workers non-negative")
+    return args
 
 
 def main(argv=None):
     """Convert the folder, write images.h5 and images_h5.json atomically."""
     args = parse_args(argv)
     if not os.path.isdir(args.imagenet_path):
-        sys.exit(f"error: --imagenet-path {args.imagenet_path} is not a folder")
+        raise UserError(f"--imagenet-path {args.imagenet_path} is not a folder")
     h5_path = os.path.join(args.output_path, "images.h5")
     json_path = os.path.join(args.output_path, "images_h5.json")
     check_output([h5_path, json_path], args.overwrite)
 
     items, num_classes = list_images(args.imagenet_path, args.max_images)
     if not items:
-        sys.exit(f"error: no files with an image extension under {args.imagenet_path}")
+        raise UserError(f"--imagenet-path {args.imagenet_path}: no files with an image extension under it")
     print(f"Found {len(items)} image files in {num_classes} classes under {args.imagenet_path}")
+
+    import h5py
+
+    from utils.files import atomic_write
 
     with atomic_write(h5_path) as tmp_h5, atomic_write(json_path) as tmp_json:
         with h5py.File(tmp_h5, "w") as h5f:
             labels, stats, skipped = convert(items, h5f, args.resolution, max(args.num_workers, 1))
             if not labels:
-                sys.exit("error: no image could be read; nothing written")
+                raise UserError(f"--imagenet-path {args.imagenet_path}: no image could be read; nothing written")
             write_dataset(h5f, "dataset.json", json.dumps({"labels": labels}).encode("utf-8"))
             names = []
             h5f.visit(names.append)
@@ -193,4 +224,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors(main)()

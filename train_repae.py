@@ -12,40 +12,19 @@ One step (`repae_step`) on a batch of uint8 images and labels:
 
     accelerate launch train_repae.py --exp-name repae-sit-xl-2 --model SiT-XL/2 --vae f8d4 \
         --vae-ckpt pretrained/sdvae/sdvae-f8d4.pt --enc-type dinov2-vit-b --batch-size 256
+
+Heavy libraries are imported inside the functions that use them, so that --help answers at once.
 """
-import argparse
-import functools
-import warnings
+from __future__ import annotations
+
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from accelerate.utils import set_seed
-from omegaconf import OmegaConf
+from utils.cli import repository_file, training_parser
+from utils.errors import report_user_errors
 
-from loss.vae_loss import ReconstructionLoss_Single_Stage
-from utils.checkpoint import load_file, load_state_dict_strict
-from utils.cli import add_training_args, validate_training_args
-from utils.data import ImageDataset
-from utils.distributed import on_main_process
-from utils.ema import make_ema, requires_grad, update_ema
-from utils.encoder_weights import load_encoders
-from utils.hub import resolve_weights
-from utils.latents import estimate_latents_stats, latent_shape, load_vae, preprocess_imgs_vae, set_batchnorm_stats
-from utils.training import (
-    TrainingRun,
-    build_sit,
-    compile_modules,
-    configure_torch,
-    encoder_features,
-    find_resume_checkpoint,
-    guarded_update,
-    make_accelerator,
-    make_dataloader,
-    sample_grid,
-    sync_batchnorm,
-    unwrap,
-)
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -78,45 +57,59 @@ def loss_buffers(vae_loss_fn):
 
 def repae_step(nets, raw_image, labels, step, accelerator, guard, *, loss_kwargs, proj_coeff, vae_align_proj_coeff,
                max_grad_norm, freeze_vae=False, diffusion_loss_to_vae=False, log_latent_stats=False):
-    """One REPA-E step (module docstring) on uint8 images and labels; returns the step's metrics (tensors)."""
-    zs = encoder_features(nets.encoders, nets.encoder_types, raw_image, accelerator)
+    """One REPA-E step (module docstring) on uint8 images and labels; returns the step's metrics (tensors).
+
+    Its parts are labelled `repae/...` for torch.profiler (bench/bench_step.py times them so)."""
+    import torch
+    from torch.profiler import record_function
+
+    from utils.ema import requires_grad
+    from utils.latents import preprocess_imgs_vae
+    from utils.training import encoder_features, guarded_update
+
+    with record_function("repae/encoder_features"):
+        zs = encoder_features(nets.encoders, nets.encoder_types, raw_image, accelerator)
     sit, vae = nets.sit, nets.vae
     vae.train(not freeze_vae)
     logs = {}
     with accelerator.accumulate(sit, vae, nets.vae_loss_fn), accelerator.autocast():
-        processed_image = preprocess_imgs_vae(raw_image)
-        with torch.set_grad_enabled(not freeze_vae):
+        with record_function("repae/vae_forward"), torch.set_grad_enabled(not freeze_vae):
+            processed_image = preprocess_imgs_vae(raw_image)
             posterior, z, recon_image = vae(processed_image)
 
         # VAE update through the frozen SiT; the parameters frozen here are exactly those trained in the SiT update.
-        sit_trainable = [param for param in sit.parameters() if param.requires_grad]
-        requires_grad(sit_trainable, False)
-        sit.eval()
-        vae_align = sit(x=z, y=labels, zs=zs, loss_kwargs=loss_kwargs, align_only=not diffusion_loss_to_vae)
-        if not freeze_vae:
-            vae_loss, vae_loss_dict = nets.vae_loss_fn(processed_image, recon_image, posterior, step, "generator")
-            vae_loss = vae_loss.mean() + vae_align_proj_coeff * vae_align["proj_loss"].mean()
-            if diffusion_loss_to_vae:
-                vae_loss = vae_loss + vae_align["denoising_loss"].mean()
-            logs["grad_norm_vae"] = guarded_update(accelerator, vae_loss, vae.parameters(), nets.opt_vae, guard,
-                                                   "VAE loss/gradient", max_grad_norm)
+        with record_function("repae/vae_update"):
+            sit_trainable = [param for param in sit.parameters() if param.requires_grad]
+            requires_grad(sit_trainable, False)
+            sit.eval()
+            vae_align = sit(x=z, y=labels, zs=zs, loss_kwargs=loss_kwargs, align_only=not diffusion_loss_to_vae)
+            if not freeze_vae:
+                vae_loss, vae_loss_dict = nets.vae_loss_fn(processed_image, recon_image, posterior, step, "generator")
+                vae_loss = vae_loss.mean() + vae_align_proj_coeff * vae_align["proj_loss"].mean()
+                if diffusion_loss_to_vae:
+                    vae_loss = vae_loss + vae_align["denoising_loss"].mean()
+                logs["grad_norm_vae"] = guarded_update(accelerator, vae_loss, vae.parameters(), nets.opt_vae, guard,
+                                                       "VAE loss/gradient", max_grad_norm)
+                logs.update(vae_loss=vae_loss, **{k: v.mean() for k, v in vae_loss_dict.items() if k != "total_loss"})
 
-            # Discriminator update on real images and detached reconstructions.
-            d_loss, d_loss_dict = nets.vae_loss_fn(processed_image, recon_image, posterior, step, "discriminator")
-            logs["grad_norm_disc"] = guarded_update(accelerator, d_loss, nets.vae_loss_fn.parameters(), nets.opt_disc,
-                                                    guard, "discriminator loss/gradient", max_grad_norm)
-            logs.update(vae_loss=vae_loss, d_loss=d_loss)
-            logs.update({k: v.mean() for k, v in vae_loss_dict.items() if k != "total_loss"})
-            logs.update({k: v.mean() for k, v in d_loss_dict.items() if k != "discriminator_loss"})
+        # Discriminator update on real images and detached reconstructions.
+        if not freeze_vae:
+            with record_function("repae/discriminator_update"):
+                d_loss, d_loss_dict = nets.vae_loss_fn(processed_image, recon_image, posterior, step, "discriminator")
+                logs["grad_norm_disc"] = guarded_update(accelerator, d_loss, nets.vae_loss_fn.parameters(),
+                                                        nets.opt_disc, guard, "discriminator loss/gradient",
+                                                        max_grad_norm)
+                logs.update(d_loss=d_loss, **{k: v.mean() for k, v in d_loss_dict.items() if k != "discriminator_loss"})
 
         # SiT update on the detached latent with the same time and noise.
-        requires_grad(sit_trainable, True)
-        sit.train()
-        sit_outputs = sit(x=z.detach(), y=labels, zs=zs, loss_kwargs=loss_kwargs,
-                          time_input=vae_align["time_input"], noises=vae_align["noises"])
-        sit_loss = sit_outputs["denoising_loss"].mean() + proj_coeff * sit_outputs["proj_loss"].mean()
-        logs["grad_norm_sit"] = guarded_update(accelerator, sit_loss, sit.parameters(), nets.opt_sit, guard,
-                                               "SiT loss/gradient", max_grad_norm)
+        with record_function("repae/sit_update"):
+            requires_grad(sit_trainable, True)
+            sit.train()
+            sit_outputs = sit(x=z.detach(), y=labels, zs=zs, loss_kwargs=loss_kwargs,
+                              time_input=vae_align["time_input"], noises=vae_align["noises"])
+            sit_loss = sit_outputs["denoising_loss"].mean() + proj_coeff * sit_outputs["proj_loss"].mean()
+            logs["grad_norm_sit"] = guarded_update(accelerator, sit_loss, sit.parameters(), nets.opt_sit, guard,
+                                                   "SiT loss/gradient", max_grad_norm)
     logs.update(sit_loss=sit_loss, denoising_loss=sit_outputs["denoising_loss"].mean(),
                 proj_loss=sit_outputs["proj_loss"].mean(), vae_align_loss=vae_align["proj_loss"].mean())
     if log_latent_stats:
@@ -124,27 +117,45 @@ def repae_step(nets, raw_image, labels, step, accelerator, guard, *, loss_kwargs
     return logs
 
 
-def build(args, accelerator):
-    """Frozen encoders, VAE, SiT (normalizer set), EMA, regularizer and optimizers, prepared; and the data."""
+def build(args, accelerator, dataset, loss_config):
+    """Frozen encoders, VAE, SiT (normalizer set), EMA, regularizer and optimizers, prepared; and the data loader."""
+    import functools
+    import warnings
+
+    from loss.vae_loss import ReconstructionLoss_Single_Stage
+    from utils.checkpoint import load_file, load_state_dict_strict
+    from utils.ema import make_ema
+    from utils.encoder_weights import load_encoders
+    from utils.hub import resolve_weights
+    from utils.latents import estimate_latents_stats, latent_shape, load_vae, set_batchnorm_stats
+    from utils.training import build_sit, compile_modules, make_adamw, make_dataloader, sync_batchnorm
+
     device = accelerator.device
     encoders, encoder_types, _ = load_encoders(args.enc_type, device, args.resolution, ckpt=args.enc_ckpt,
-                                               random_init=args.enc_random_init)
+                                               random_init=args.enc_random_init,
+                                               allow_torchscript=args.enc_allow_torchscript)
     vae, latents_stats = load_vae(args.vae, args.vae_ckpt, require_stats=False)
     vae = vae.to(device)
-    sit = build_sit(args.model, latent_shape(vae, args.resolution), encoders, num_classes=args.num_classes,
-                    cfg_prob=args.cfg_prob, encoder_depth=args.encoder_depth, bn_momentum=args.bn_momentum,
-                    qk_norm=args.qk_norm, fused_attn=args.fused_attn).to(device)
-    vae_loss_fn = ReconstructionLoss_Single_Stage(
-        OmegaConf.load(args.loss_cfg_path), pretrained_lpips=not args.lpips_random_init).to(device)
+    sit = build_sit(args.model, latent_shape(vae, args.resolution), encoders,
+                    num_classes=args.num_classes, cfg_prob=args.cfg_prob, encoder_depth=args.encoder_depth,
+                    bn_momentum=args.bn_momentum, qk_norm=args.qk_norm, fused_attn=args.fused_attn).to(device)
+    if args.grad_checkpointing:
+        sit.set_grad_checkpointing()
+        vae.set_grad_checkpointing()
+    vae_loss_fn = ReconstructionLoss_Single_Stage(loss_config, pretrained_lpips=not args.lpips_random_init).to(device)
     if args.disc_pretrained_ckpt:
         disc_ckpt = resolve_weights(args.disc_pretrained_ckpt, kind="discriminator")
-        load_state_dict_strict(vae_loss_fn.discriminator, load_file(disc_ckpt), args.disc_pretrained_ckpt)
+        load_state_dict_strict(vae_loss_fn.discriminator, load_file(disc_ckpt), f"--disc-pretrained-ckpt {disc_ckpt}")
+    elif not (args.freeze_vae or vae_loss_fn.discriminator_warmup or vae_loss_fn.discriminator_start):
+        warnings.warn("no --disc-pretrained-ckpt: a fresh run's discriminator starts from scratch and the loss config "
+                      "lets its adversarial term reach the VAE from step 0; configs/l1_lpips_kl_gan_scratch_disc.yaml "
+                      "trains it first")
 
-    dataset = ImageDataset(args.data_dir)
     dataloader, sampler = make_dataloader(dataset, global_batch_size=args.batch_size, accelerator=accelerator,
                                           seed=args.seed, num_workers=args.num_workers)
     if latents_stats is None:
-        warnings.warn("no latent statistics with the VAE: estimated from the first batches (smoke runs only)")
+        warnings.warn("no latent statistics with the VAE (its files and config record none): estimated from the "
+                      "first batches")
         first_batches = [images for images, _ in zip((batch[0] for batch in dataloader), range(4))]
         latents_stats = {k: accelerator.reduce(v, "mean")
                          for k, v in estimate_latents_stats(vae, first_batches, device).items()}
@@ -152,7 +163,7 @@ def build(args, accelerator):
     ema = make_ema(sit)
 
     sit = sync_batchnorm(sit, accelerator)
-    adamw = functools.partial(torch.optim.AdamW, betas=(args.adam_beta1, args.adam_beta2),
+    adamw = functools.partial(make_adamw, betas=(args.adam_beta1, args.adam_beta2),
                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     opt_sit = adamw(sit.parameters(), lr=args.learning_rate)
     opt_vae = adamw(vae.parameters(), lr=args.vae_learning_rate)
@@ -166,34 +177,46 @@ def build(args, accelerator):
 
 
 def main(args):
-    """Train SiT and VAE end to end."""
-    configure_torch(allow_tf32=args.allow_tf32, compile=args.compile)
-    accelerator = make_accelerator(mixed_precision=args.mixed_precision,
-                                   gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                   report_to=args.report_to, output_dir=args.output_dir, logging_dir=args.logging_dir)
-    exp_dir = Path(args.output_dir) / args.exp_name
-    resume_path = on_main_process(lambda: find_resume_checkpoint(
-        exp_dir, resume_step=args.resume_step, continue_train_exp_dir=args.continue_train_exp_dir,
-        resume_latest=args.resume_latest))
-    set_seed(args.seed)  # the same initial weights on every process
-    nets, ema, dataloader, sampler = build(args, accelerator)
-    grid_latent_shape = latent_shape(unwrap(nets.vae), args.resolution)
+    """Train SiT and VAE end to end. Every input is checked before anything is built or written."""
+    from accelerate.utils import set_seed
 
-    run = TrainingRun(accelerator, exp_dir, config=args, project="REPA-E", local_batch_size=dataloader.batch_size,
+    from utils.data import ImageDataset
+    from utils.ema import update_ema
+    from utils.latents import latent_shape, vae_checkpoint_entries
+    from utils.training import (
+        TrainingRun,
+        check_dataset,
+        load_loss_config,
+        sample_grid,
+        start_run,
+        unwrap,
+    )
+
+    accelerator, exp_dir, resume_path = start_run(args)
+    loss_config = load_loss_config(repository_file(args.loss_cfg_path, "--loss-cfg-path"), "--loss-cfg-path")
+    dataset = ImageDataset(args.data_dir)
+    check_dataset(dataset, resolution=args.resolution, global_batch_size=args.batch_size,
+                  num_processes=accelerator.num_processes)
+
+    set_seed(args.seed)  # the same initial weights on every process
+    nets, ema, dataloader, sampler = build(args, accelerator, dataset, loss_config)
+    grid_latent_shape = latent_shape(unwrap(nets.vae), args.resolution)
+    run = TrainingRun(accelerator, exp_dir, config=args, local_batch_size=dataloader.batch_size,
                       max_train_steps=args.max_train_steps, max_nonfinite_steps=args.max_nonfinite_steps)
-    run.logger.info(f"SiT parameters: {sum(p.numel() for p in nets.sit.parameters()):,}; "
-                    f"VAE parameters: {sum(p.numel() for p in nets.vae.parameters()):,}; "
-                    f"{len(dataloader.dataset):,} images in {args.data_dir}")
     # Checkpoint keys of the published layout; the regularizer's own buffers (LeCam statistics) ride along.
     modules = {"model": unwrap(nets.sit), "ema": ema, "vae": unwrap(nets.vae),
                "discriminator": unwrap(nets.vae_loss_fn).discriminator}
     optimizers = {"opt": nets.opt_sit, "opt_vae": nets.opt_vae, "opt_disc": nets.opt_disc}
     set_seed(args.seed + accelerator.process_index)  # each process its own random stream
-    if resume_path is not None:
+    if resume_path is not None:  # a checkpoint that does not fit these networks stops the run here
         checkpoint = run.resume(resume_path, modules, optimizers, batches_per_epoch=len(dataloader), seed=args.seed,
                                 gradient_accumulation_steps=args.gradient_accumulation_steps)
         for name, buffer in loss_buffers(unwrap(nets.vae_loss_fn)).items():
             buffer.copy_(checkpoint.get("vae_loss_buffers", {}).get(name, buffer))
+    run.open(project="REPA-E")  # the first write: EXP, its args, log.txt, trackers
+    run.logger.info(f"SiT parameters: {sum(p.numel() for p in nets.sit.parameters()):,}; "
+                    f"VAE parameters: {sum(p.numel() for p in nets.vae.parameters()):,}; "
+                    f"{len(dataset):,} images in {args.data_dir}")
 
     loss_kwargs = dict(path_type=args.path_type, prediction=args.prediction, weighting=args.weighting)
     for raw_image, labels in run.batches(dataloader, sampler, args.epochs):
@@ -205,13 +228,14 @@ def main(args):
         if not accelerator.sync_gradients:
             continue  # accumulating: no optimization step yet
         update_ema(ema, unwrap(nets.sit), args.ema_decay)
-        run.end_step()
+        run.end_step(logs)
 
         if run.step % args.log_every == 0:
-            run.log(logs)
+            run.log()
         if run.step % args.checkpointing_steps == 0 or run.step == args.max_train_steps:
             run.save_checkpoint(modules, optimizers, keep_last=args.keep_last_checkpoints,
-                                extra={"vae_loss_buffers": loss_buffers(unwrap(nets.vae_loss_fn))})
+                                extra={"vae_loss_buffers": loss_buffers(unwrap(nets.vae_loss_fn)),
+                                       **vae_checkpoint_entries(unwrap(nets.vae))})
         if run.step == 1 or run.step % args.sampling_steps == 0:
             run.save_samples(sample_grid(ema, unwrap(nets.vae), accelerator, latent_shape=grid_latent_shape,
                                          num_images=args.sample_batch_size, seed=args.seed,
@@ -220,35 +244,40 @@ def main(args):
     return run
 
 
-def parse_args(input_args=None):
+def make_parser():
     """Published train_repae.py flags, plus smoke-run and ablation switches."""
-    parser = argparse.ArgumentParser(description="REPA-E end-to-end training")
-    add_training_args(parser, model_default="SiT-XL/2", vae_default="f8d4",
-                      vae_ckpt_default="pretrained/sdvae-f8d4/sdvae-f8d4.pt")
-    parser.add_argument("--bn-momentum", type=float, default=0.1)
-    parser.add_argument("--cfg-prob", type=float, default=0.1)
-    parser.add_argument("--disc-pretrained-ckpt", type=str, default=None,
-                        help="discriminator weights: a path or a hub id (REPA-E/sdvae means its discriminator file)")
-    parser.add_argument("--loss-cfg-path", type=str, default="configs/l1_lpips_kl_gan.yaml")
-    parser.add_argument("--vae-learning-rate", type=float, default=1e-4)
-    parser.add_argument("--disc-learning-rate", type=float, default=1e-4)
-    parser.add_argument("--vae-align-proj-coeff", type=float, default=1.5)
-    parser.add_argument("--lpips-random-init", action="store_true",
-                        help="random LPIPS VGG trunk when its weights are not available offline (smoke runs)")
-    parser.add_argument("--diffusion-loss-to-vae", action="store_true",
-                        help="ablation: no stop-gradient, the diffusion loss also trains the VAE")
-    parser.add_argument("--freeze-vae", action="store_true",
-                        help="ablation: keep the VAE fixed (the REPA baseline with a batch-norm normalizer)")
-    parser.add_argument("--log-latent-stats", action="store_true",
-                        help="log per-channel mean and std of the latents (watch for latent collapse)")
+    parser = training_parser("REPA-E end-to-end training of a SiT and its VAE", model_default="SiT-XL/2",
+                             vae_default="f8d4", vae_ckpt_default="pretrained/sdvae-f8d4/sdvae-f8d4.pt")
+    repae = parser.add_argument_group("end-to-end training")
+    repae.add_argument("--bn-momentum", type=float, default=0.1, help="momentum of the SiT's batch-norm normalizer")
+    repae.add_argument("--cfg-prob", type=float, default=0.1, help="probability of dropping a label (for CFG)")
+    repae.add_argument("--disc-pretrained-ckpt", type=str, default=None,
+                       help="discriminator weights: a path or a hub id (REPA-E/sdvae means its discriminator file)")
+    repae.add_argument("--loss-cfg-path", type=str, default="configs/l1_lpips_kl_gan.yaml",
+                       help="VAE regularizer config (relative paths also resolve against the repository)")
+    repae.add_argument("--vae-learning-rate", type=float, default=1e-4, help="VAE AdamW learning rate")
+    repae.add_argument("--disc-learning-rate", type=float, default=1e-4, help="discriminator AdamW learning rate")
+    repae.add_argument("--vae-align-proj-coeff", type=float, default=1.5,
+                       help="weight of the REPA loss in the VAE update")
+    repae.add_argument("--lpips-random-init", action="store_true",
+                       help="random LPIPS VGG trunk when its weights are not available offline (smoke runs)")
+    repae.add_argument("--diffusion-loss-to-vae", action="store_true",
+                       help="ablation: no stop-gradient, the diffusion loss also trains the VAE")
+    repae.add_argument("--freeze-vae", action="store_true",
+                       help="ablation: keep the VAE fixed (the REPA baseline with a batch-norm normalizer)")
+    repae.add_argument("--log-latent-stats", action="store_true",
+                       help="log per-channel mean and std of the latents (watch for latent collapse)")
+    return parser
+
+
+def parse_args(input_args=None):
+    """The run's flags; exclusive ablations are refused here."""
+    parser = make_parser()
     args = parser.parse_args(input_args)
     if args.freeze_vae and args.diffusion_loss_to_vae:
-        raise SystemExit("--freeze-vae and --diffusion-loss-to-vae exclude each other")
-    if args.mixed_precision == "fp16" and args.gradient_accumulation_steps > 1:
-        # The three optimizers share one gradient scaler whose scale may change between their updates.
-        raise SystemExit("--gradient-accumulation-steps > 1 needs --mixed-precision bf16 or no (not fp16)")
-    return validate_training_args(args)
+        parser.error("--freeze-vae and --diffusion-loss-to-vae exclude each other")
+    return args
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    report_user_errors(main)(parse_args())

@@ -10,6 +10,8 @@ each component is stretched between its 1st and 99th percentile, and its sign fi
 import argparse
 from pathlib import Path
 
+from utils.errors import UserError, report_user_errors
+
 HEADER_HEIGHT = 14  # a row of column titles above the grid
 
 
@@ -17,8 +19,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show defaults and keep the docstring's layout."""
 
 
-def parse_args(argv=None):
-    """Command-line flags."""
+def build_parser():
+    """The command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--vae", type=str, default="f8d4",
                         help="VAE layout: f8d4 or f16d32 (f8d4-tiny, f16d32-tiny for smoke runs)")
@@ -31,6 +33,12 @@ def parse_args(argv=None):
     parser.add_argument("--output", type=str, default="latents_pca.png", help="PNG file to write")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a random VAE ('none')")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse and check the command-line flags."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_images <= 0 or args.start_index < 0:
         parser.error("--num-images must be positive and --start-index non-negative")
@@ -88,13 +96,14 @@ def run(args):
 
     from utils.data import ImageDataset
     from utils.evaluation import load_vaes
+    from utils.files import atomic_write
 
     dataset = ImageDataset(args.data_dir)
     vaes = load_vaes(args.vae, args.vae_ckpt, dataset.image_size, args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     indices = range(args.start_index, min(args.start_index + args.num_images, len(dataset)))
     if not indices:
-        raise ValueError(f"--start-index {args.start_index} is past the {len(dataset)} images of {args.data_dir}")
+        raise UserError(f"--start-index {args.start_index} is past the {len(dataset)} images of {args.data_dir}")
     images = torch.stack([dataset[i][0] for i in indices])
     columns, titles = [images], ["input"]
     for ckpt, vae in vaes.items():
@@ -102,21 +111,18 @@ def run(args):
         vae.cpu()
         titles.append(Path(ckpt.rstrip("/")).name)
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(columns, titles).save(output)
+    with atomic_write(output) as tmp:
+        grid_image(columns, titles).save(tmp, format="PNG")
     return output
 
 
 def main(argv=None):
     """Parse flags, write the grid; returns its path."""
     args = parse_args(argv)
-    try:
-        output = run(args)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+    output = run(args)
     print(f"Wrote {output} (rows: images; columns: input, {', '.join(args.vae_ckpt)})")
     return output
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors(main)()

@@ -1,80 +1,292 @@
-"""Speed (and, on CUDA, memory) of the pieces this codebase changed against the published code.
+"""Time the training steps the trainers run: train_repae.repae_step (and its labelled parts) and
+train_ldm_only.ldm_step, each followed by the loop's EMA update, on networks made by the trainers' own `build`.
 
-    python bench/bench_step.py            # prints a table; runs on CPU or GPU
+    python bench/bench_step.py                              # 128 px, batch 2, SiT-B/2, f8d4, DINOv2-B, fp32, eager
+    python bench/bench_step.py --configs current,baseline   # the start-of-issue settings, timed alternately
+    python bench/bench_step.py --grad-checkpointing         # activation checkpointing switch of the trainers
+    python bench/bench_step.py --resolution 256 --batch-size 32 --model SiT-XL/2 --mixed-precision bf16 --compile
 
-1. REPA loss: vectorized (loss/repa.py) against the published per-sample Python loop.
-2. VAE attention: torch's scaled_dot_product_attention (models/autoencoder.py) against the published
-   explicit softmax(QK^T)V, at the f8d4 middle block of a 256-px image.
+Weights are random (--vae-ckpt none, --enc-random-init, --lpips-random-init); the images come from an images.h5
+made by preprocessing.py (and, for the LDM step, latents cached by cache_latents.py) under --work-dir.
+Each step row runs in a fresh process. Per-part times come from the step's own `repae/...` profiler ranges:
+while timing, torch.profiler.record_function is wrapped so that each range also keeps its seconds and FLOPs.
+
+The `baseline` configuration emulates the state at the start of issue 12 (commit e12b15c) with switches of the
+current code: activation checkpointing of every VAE residual block, torch.optim.AdamW with foreach=False and
+fused=False, and every metric read to the host after every step (log every step). It cannot restore the old
+per-update host reads of the non-finite guard, nor any other change to the step's code since then.
 """
+import argparse
+import collections
+import contextlib
+import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loss.repa import repa_loss  # noqa: E402
+from bench import harness  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def timed(fn, repeats=5):
-    """Median seconds of fn() and peak CUDA memory in MiB (0 on CPU)."""
-    fn()
-    times = []
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else 0.0
-    return sorted(times)[len(times) // 2], peak
+PARTS = ("repae/encoder_features", "repae/vae_forward", "repae/vae_update", "repae/discriminator_update",
+         "repae/sit_update", "loop/ema")
+CONFIGS = ("current", "baseline")
 
 
-def published_repa_loss(zs_tilde, zs):
-    """The published loop: per encoder, per sample, normalized cosine."""
-    proj_loss = 0.0
-    bsz = zs[0].shape[0]
-    for z, z_tilde in zip(zs, zs_tilde):
-        for z_j, z_tilde_j in zip(z, z_tilde):
-            z_tilde_j = F.normalize(z_tilde_j, dim=-1)
-            z_j = F.normalize(z_j, dim=-1)
-            proj_loss += -(z_j * z_tilde_j).sum(dim=-1).mean()
-    return proj_loss / (len(zs) * bsz)
+def make_parser():
+    """The bench's flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per step (one process)")
+    parser.add_argument("--model", default="SiT-B/2", help="SiT size")
+    parser.add_argument("--vae", default="f8d4", help="VAE layout")
+    parser.add_argument("--enc-type", default="dinov2-vit-b", help="frozen representation encoder")
+    parser.add_argument("--encoder-depth", type=int, default=4, help="SiT block aligned with the encoder")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="the trainers' activation checkpointing")
+    parser.add_argument("--configs", default="current", help="comma list of current,baseline (timed alternately)")
+    parser.add_argument("--rows", default="repae,ldm", help="comma list of repae,ldm")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--work-dir", default="/tmp/repae-bench", help="where the bench data set is made and kept")
+    parser.add_argument("--child", choices=["repae", "ldm"], help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--vae-file", help=argparse.SUPPRESS)
+    return parser
 
 
-def published_attention(q, k, v):
-    """Explicit attention as in the published VAE (materializes the HW x HW matrix)."""
-    weights = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-    return weights @ v
+def describe(args, config):
+    """The configuration in one line."""
+    precision = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[args.mixed_precision]
+    return (f"{config}: {args.model} {args.vae} {args.enc_type} {args.resolution}px b{args.batch_size} {precision} "
+            f"{'compiled' if args.compile else 'eager'}{' grad-ckpt' if args.grad_checkpointing else ''}")
 
 
-def main():
-    """Print one row per benchmark."""
-    batch = 64 if DEVICE == "cpu" else 256
-    zs = [torch.randn(batch, 256, 768, device=DEVICE)]
-    zs_tilde = [torch.randn(batch, 256, 768, device=DEVICE, requires_grad=True)]
+def training_argv(args, data_dir, extra=()):
+    """Trainer flags of the bench configuration (random weights, one process, no tracking)."""
+    argv = ["--data-dir", data_dir, "--resolution", args.resolution, "--batch-size", args.batch_size,
+            "--model", args.model, "--vae", args.vae, "--enc-type", args.enc_type, "--encoder-depth",
+            args.encoder_depth, "--mixed-precision", args.mixed_precision, "--num-workers", 0, "--report-to", "none",
+            "--exp-name", "bench", "--output-dir", Path(args.work_dir) / "exps", "--enc-random-init",
+            "--compile" if args.compile else "--no-compile", *extra]
+    if args.grad_checkpointing:
+        argv.append("--grad-checkpointing")
+    return [str(a) for a in argv]
+
+
+@contextlib.contextmanager
+def timed_ranges(seconds, flops, flop_mode=None):
+    """While active, every torch.profiler.record_function range also appends its seconds to seconds[name] and
+    stores its FLOPs (under flop_mode) in flops[name]."""
+    import torch.profiler
+
+    real = torch.profiler.record_function
+
+    @contextlib.contextmanager
+    def timed_range(name):
+        with real(name):
+            harness.synchronize()
+            start, flops_before = time.perf_counter(), flop_mode.get_total_flops() if flop_mode else 0
+            yield
+            harness.synchronize()
+            seconds[name].append(time.perf_counter() - start)
+            if flop_mode:
+                flops[name] = flop_mode.get_total_flops() - flops_before
+
+    torch.profiler.record_function = timed_range
+    try:
+        yield
+    finally:
+        torch.profiler.record_function = real
+
+
+def measure(step_fns, args, name):
+    """Rows of alternately timed step functions: warm-up, one counted step (FLOPs, host reads), timed steps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for step_fn in step_fns.values():
+        for _ in range(args.warmup):
+            step_fn()
+    counted = {}
+    for config, step_fn in step_fns.items():
+        seconds, flops = collections.defaultdict(list), {}
+        with harness.count_host_reads() as reads, FlopCounterMode(display=False) as mode, \
+                timed_ranges(seconds, flops, mode):
+            step_fn()
+        counted[config] = dict(flops=mode.get_total_flops(), parts=flops, host_reads=reads["reads"])
+    times = {config: [] for config in step_fns}
+    part_times = {config: collections.defaultdict(list) for config in step_fns}
+    rates = []
+    for _ in range(args.repeats):
+        for config, step_fn in step_fns.items():
+            with timed_ranges(part_times[config], {}):
+                times[config] += harness.time_calls(step_fn, 1)
+        rates.append(harness.matmul_rate())
+    rate = statistics.median(rates)
+    alone = len(step_fns) == 1  # the process's peak belongs to one configuration
     rows = []
-    for name, fn in (("REPA loss, published loop", lambda: published_repa_loss(zs_tilde, zs).backward()),
-                     ("REPA loss, vectorized", lambda: repa_loss(zs_tilde, zs).backward())):
-        rows.append((name, f"B={batch} T=256 D=768 fwd+bwd", *timed(fn)))
+    for config in step_fns:
+        base = dict(config=describe(args, config), unit="ms", items=args.batch_size, matmul_flops=rate,
+                    device=harness.device_name())
+        peak = harness.peak_memory_mib() if alone else None
+        rows.append(dict(base, name=f"{name} [{config}]", times=times[config], flops=counted[config]["flops"],
+                         host_reads=counted[config]["host_reads"], peak_mib=peak))
+        for part in (part for part in PARTS if part in part_times[config]):
+            rows.append(dict(base, name=f"  {part}", times=part_times[config][part],
+                             flops=counted[config]["parts"].get(part)))
+    return rows
 
-    b, c, hw = (4 if DEVICE == "cpu" else 16), 512, 32 * 32
-    q, k, v = (torch.randn(b, 1, hw, c, device=DEVICE, requires_grad=True) for _ in range(3))
-    for name, fn in (("VAE attention, published", lambda: published_attention(q, k, v).sum().backward()),
-                     ("VAE attention, SDPA", lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())):
-        rows.append((name, f"B={b} C=512 32x32 fwd+bwd", *timed(fn)))
 
-    print(f"device: {DEVICE} ({torch.cuda.get_device_name() if DEVICE == 'cuda' else torch.get_num_threads()} "
-          f"{'' if DEVICE == 'cuda' else 'threads'})")
-    print(f"{'benchmark':28s} {'shape':32s} {'ms':>9s} {'peak MiB':>9s}")
-    for name, shape, seconds, peak in rows:
-        print(f"{name:28s} {shape:32s} {seconds * 1e3:9.1f} {peak:9.0f}")
+def accelerator_for(args):
+    """The trainers' accelerator for the bench's precision."""
+    from utils.training import make_accelerator
+
+    return make_accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=1, report_to="none",
+                            logging_dir=Path(args.work_dir) / "logs")
+
+
+def host_guarded_adamw():
+    """torch.optim.AdamW that reads the guard's verdict on the host and skips a non-finite update itself, as the
+    optimizers at the start of the issue did (the per-parameter loop AdamW refuses a device-side found_inf)."""
+    import torch
+
+    class HostGuardedAdamW(torch.optim.AdamW):
+        found_inf = None
+
+        def step(self, closure=None):
+            found_inf, self.found_inf = self.found_inf, None
+            if found_inf is not None and bool(found_inf):
+                return None
+            return super().step(closure)
+
+    return HostGuardedAdamW
+
+
+def baseline_nets(nets, accelerator, targs):
+    """The same networks with plain (per-parameter loop) AdamW optimizers, as at the start of the issue."""
+    import dataclasses
+
+    adamw = host_guarded_adamw()
+
+    def plain_adamw(optimizer, lr):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return accelerator.prepare_optimizer(adamw(
+            params, lr=lr, betas=(targs.adam_beta1, targs.adam_beta2), weight_decay=targs.adam_weight_decay,
+            eps=targs.adam_epsilon, foreach=False, fused=False))
+
+    return dataclasses.replace(nets, opt_sit=plain_adamw(nets.opt_sit, targs.learning_rate),
+                               opt_vae=plain_adamw(nets.opt_vae, targs.vae_learning_rate),
+                               opt_disc=plain_adamw(nets.opt_disc, targs.disc_learning_rate))
+
+
+def repae_rows(args):
+    """Rows of train_repae.repae_step + EMA for each configuration, timed alternately in this process."""
+    import torch
+    import torch.profiler
+    from accelerate.utils import set_seed
+
+    import train_repae
+    from utils.data import ImageDataset
+    from utils.ema import update_ema
+    from utils.guard import NonFiniteGuard
+    from utils.training import load_loss_config, unwrap
+
+    targs = train_repae.parse_args(training_argv(args, args.data_dir, ["--vae-ckpt", "none", "--lpips-random-init"]))
+    accelerator = accelerator_for(args)
+    loss_config = load_loss_config(harness.ROOT / targs.loss_cfg_path, "--loss-cfg-path")
+    set_seed(0)
+    nets, ema, loader, _ = train_repae.build(targs, accelerator, ImageDataset(args.data_dir), loss_config)
+    raw_image, labels = (t.to(accelerator.device) for t in next(iter(loader)))
+    guard, step = NonFiniteGuard(), [0]
+    loss_kwargs = dict(path_type=targs.path_type, prediction=targs.prediction, weighting=targs.weighting)
+    variants = {"current": nets, "baseline": baseline_nets(nets, accelerator, targs)}
+
+    def step_fn(config):
+        def run():
+            unwrap(nets.vae).set_grad_checkpointing(config == "baseline" or args.grad_checkpointing)
+            logs = train_repae.repae_step(variants[config], raw_image, labels, step[0], accelerator, guard,
+                                          loss_kwargs=loss_kwargs, proj_coeff=targs.proj_coeff,
+                                          vae_align_proj_coeff=targs.vae_align_proj_coeff,
+                                          max_grad_norm=targs.max_grad_norm)
+            with torch.profiler.record_function("loop/ema"):  # looked up now: timed_ranges may wrap it
+                update_ema(ema, unwrap(nets.sit), targs.ema_decay)
+            if config == "baseline":
+                {name: value.item() for name, value in logs.items() if value is not None}
+            step[0] += 1
+        return run
+
+    configs = args.configs.split(",")
+    torch.manual_seed(0)
+    return measure({config: step_fn(config) for config in configs}, args, "REPA-E step + EMA")
+
+
+def ldm_rows(args):
+    """Rows of train_ldm_only.ldm_step + EMA on cached latents."""
+    import torch.profiler
+    from accelerate.utils import set_seed
+
+    import train_ldm_only
+    from utils.data import ImageLatentDataset
+    from utils.ema import update_ema
+    from utils.guard import NonFiniteGuard
+    from utils.training import unwrap
+
+    targs = train_ldm_only.parse_args(training_argv(
+        args, args.data_dir, ["--vae-ckpt", args.vae_file, "--vae-latents-name", "bench-vae"]))
+    accelerator = accelerator_for(args)
+    set_seed(0)
+    nets, ema, _, _, loader, _ = train_ldm_only.build(targs, accelerator,
+                                                      ImageLatentDataset(args.data_dir, "bench-vae"))
+    raw_image, moments, labels = (t.to(accelerator.device) for t in next(iter(loader)))
+    guard = NonFiniteGuard()
+    loss_kwargs = dict(path_type=targs.path_type, prediction=targs.prediction, weighting=targs.weighting)
+
+    def run():
+        train_ldm_only.ldm_step(nets, raw_image, moments, labels, accelerator, guard, loss_kwargs=loss_kwargs,
+                                proj_coeff=targs.proj_coeff, max_grad_norm=targs.max_grad_norm)
+        with torch.profiler.record_function("loop/ema"):  # looked up now: timed_ranges may wrap it
+            update_ema(ema, unwrap(nets.sit), targs.ema_decay)
+
+    return measure({"current": run}, args, "LDM-only step + EMA")
+
+
+def child_argv(args, row, data_dir, vae_file):
+    """This script's flags for the child process that measures `row`."""
+    argv = ["--resolution", args.resolution, "--batch-size", args.batch_size, "--model", args.model, "--vae",
+            args.vae, "--enc-type", args.enc_type, "--encoder-depth", args.encoder_depth, "--mixed-precision",
+            args.mixed_precision, "--configs", args.configs if row == "repae" else "current", "--warmup",
+            args.warmup, "--repeats", args.repeats, "--work-dir", args.work_dir, "--child", row, "--data-dir",
+            data_dir, "--vae-file", vae_file, "--compile" if args.compile else "--no-compile"]
+    if args.grad_checkpointing:
+        argv.append("--grad-checkpointing")
+    return [str(a) for a in argv]
+
+
+def collect_rows(args):
+    """All rows, each training step in a fresh process."""
+    data_dir, vae_file = harness.make_bench_data(Path(args.work_dir), resolution=args.resolution,
+                                                 images=max(16, 4 * args.batch_size), vae=args.vae)
+    rows = []
+    for row in args.rows.split(","):
+        rows += harness.run_child(Path(__file__), child_argv(args, row, data_dir, vae_file))
+    return rows
+
+
+def main(argv=None):
+    """Print the table (parent) or measure one row kind and hand it back (child)."""
+    args = make_parser().parse_args(argv)
+    if not set(args.configs.split(",")) <= set(CONFIGS):
+        sys.exit(f"--configs takes a comma list of {', '.join(CONFIGS)}")
+    if args.child:
+        harness.emit(repae_rows(args) if args.child == "repae" else ldm_rows(args))
+        return
+    rows = collect_rows(args)
+    harness.print_table("training steps (train_repae.repae_step, train_ldm_only.ldm_step)", rows)
+    print(f"command: python bench/bench_step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    medians = {row["name"]: statistics.median(row["times"]) for row in rows}
+    if "REPA-E step + EMA [baseline]" in medians and "REPA-E step + EMA [current]" in medians:
+        print(f"REPA-E step speed-up, baseline -> current: "
+              f"{medians['REPA-E step + EMA [baseline]'] / medians['REPA-E step + EMA [current]']:.2f}x")
 
 
 if __name__ == "__main__":

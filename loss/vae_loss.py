@@ -47,6 +47,10 @@ class ReconstructionLoss_Single_Stage(nn.Module):
         self.perceptual_weight = cfg.perceptual_weight
         self.kl_weight = cfg.get("kl_weight", 1e-6)
         self.discriminator_start = cfg.discriminator_start
+        # published (false): the discriminator's loss and the adversarial term both wait for discriminator_start;
+        # true: the discriminator trains from step 0 and only the adversarial term waits, so that a discriminator
+        # trained from scratch has learnt for discriminator_start steps before its gradient reaches the VAE.
+        self.discriminator_warmup = bool(cfg.get("discriminator_warmup", False))
         self.discriminator_factor = float(cfg.discriminator_factor)
         self.discriminator_weight = float(cfg.discriminator_weight)
         self.lecam_weight = cfg.get("lecam_regularization_weight", 0.0)
@@ -56,7 +60,11 @@ class ReconstructionLoss_Single_Stage(nn.Module):
             self.register_buffer("ema_fake_logits_mean", torch.zeros(1))
 
     def should_discriminator_be_trained(self, global_step):
-        """The GAN terms switch on at discriminator_start."""
+        """The discriminator's loss is on from discriminator_start (from step 0 with discriminator_warmup)."""
+        return self.discriminator_warmup or self.adversarial_term_on(global_step)
+
+    def adversarial_term_on(self, global_step):
+        """The generator's adversarial term switches on at discriminator_start."""
         return global_step >= self.discriminator_start
 
     def forward(self, inputs, reconstructions, posteriors, global_step, mode="generator"):
@@ -78,7 +86,7 @@ class ReconstructionLoss_Single_Stage(nn.Module):
         kl = posteriors.kl().float()
         kl_loss = kl.sum() / kl.shape[0]  # summed over the latent, averaged over the batch
 
-        factor = self.discriminator_factor if self.should_discriminator_be_trained(global_step) else 0.0
+        factor = self.discriminator_factor if self.adversarial_term_on(global_step) else 0.0
         gan_loss = torch.zeros((), device=inputs.device)
         if factor > 0.0 and self.discriminator_weight > 0.0:
             # Gradients reach the reconstructions through D but must not accumulate in D.

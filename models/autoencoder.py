@@ -3,6 +3,8 @@
 Module names and shapes are those of the released VAE checkpoints: f8d4 is the SD-VAE
 layout, f16d32 the IN-VAE / VA-VAE layout.
 """
+import json
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -275,3 +277,63 @@ def vae_arch_of(state_dict):
         if shapes == {key: tuple(value.shape) for key, value in reference.state_dict().items()}:
             return arch
     return None
+
+
+# --vae value of a diffusers AutoencoderKL of any block layout: its folder's config decides the network.
+DIFFUSERS_VAE = "diffusers"
+vae_names = (*vae_models, DIFFUSERS_VAE)
+
+
+class DiffusersAutoencoder(nn.Module):
+    """A diffusers AutoencoderKL behind the contract of AutoencoderKL above (encode -> posterior, decode -> tensor,
+    forward -> (posterior, z, recon), latent_channels, downsample_factor, set_grad_checkpointing).
+
+    Its submodules are registered under diffusers' own names, so its state-dict keys are exactly diffusers' and a
+    checkpoint's `vae` entry loads into diffusers.AutoencoderKL(**config) as it is.
+    """
+
+    SUBMODULES = ("encoder", "decoder", "quant_conv", "post_quant_conv")  # quant convs may be None (FLUX, SD3)
+
+    def __init__(self, model):
+        super().__init__()
+        for name in self.SUBMODULES:
+            self.add_module(name, getattr(model, name))
+        if self.state_dict().keys() != model.state_dict().keys():
+            raise ValueError(f"{type(model).__name__} has submodules besides {', '.join(self.SUBMODULES)}")
+        # Not a child (its tensors would be registered twice); kept for its own gradient-checkpointing switch.
+        self.__dict__["diffusers_model"] = model
+        # A plain JSON-like dict (lists, not tuples): it is stored in training checkpoints as `vae_config`.
+        self.config = json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+        self.latent_channels = self.config["latent_channels"]
+        self.downsample_factor = self.downsample_factor_of(self.config)
+
+    @staticmethod
+    def downsample_factor_of(config):
+        """Every down block but the last halves the resolution."""
+        return 2 ** (len(config["block_out_channels"]) - 1)
+
+    def set_grad_checkpointing(self, enabled=True):
+        """Turn diffusers' activation checkpointing of the encoder and decoder blocks on or off."""
+        if enabled:
+            self.diffusers_model.enable_gradient_checkpointing()
+        else:
+            self.diffusers_model.disable_gradient_checkpointing()
+
+    def encode(self, x):
+        """Images in [-1, 1] -> posterior distribution over latents (diffusers' AutoencoderKL._encode, untiled)."""
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussianDistribution(moments)
+
+    def decode(self, z):
+        """Latents -> images (roughly in [-1, 1]) (diffusers' AutoencoderKL._decode, untiled)."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def forward(self, x, sample_posterior=True):
+        """Returns (posterior, z, reconstruction); z is a posterior sample or its mean."""
+        posterior = self.encode(x)
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return posterior, z, self.decode(z)

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+from torch.utils.checkpoint import checkpoint
 
 from loss.repa import repa_loss
 from models.interpolant import interpolant, mean_flat, sample_time
@@ -169,7 +170,12 @@ class SiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         # No affine parameters: a learned scale could shrink the latents and game the diffusion loss.
         self.bn = nn.BatchNorm2d(in_channels, eps=1e-4, momentum=bn_momentum, affine=False, track_running_stats=True)
+        self.grad_checkpointing = False
         self.initialize_weights()
+
+    def set_grad_checkpointing(self, enabled=True):
+        """Recompute each block's activations in the backward instead of keeping them (less memory, more compute)."""
+        self.grad_checkpointing = enabled
 
     def initialize_weights(self):
         """DiT initialization: xavier linears, sin-cos positions, zeroed adaLN and output layers."""
@@ -237,8 +243,9 @@ class SiT(nn.Module):
         model_target = d_alpha_t * x + d_sigma_t * noises
 
         h, c = self.embed(model_input, time_input.flatten(), y)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            h = block(h, c)
+            h = checkpoint(block, h, c, use_reentrant=False) if recompute else block(h, c)
             if i + 1 == self.encoder_depth:
                 zs_tilde = [projector(h) for projector in self.projectors]
                 if align_only:

@@ -1,5 +1,7 @@
 """Helpers for end-to-end tests: a tiny labelled image set, tiny training flags, running the scripts."""
+import contextlib
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -50,14 +52,14 @@ def tiny_training_flags(data_dir, output_dir, exp_name, **overrides):
     return args + ["--no-compile", "--enc-random-init"]
 
 
-def run_script(script, *args, nproc=1, env=None, check=True, timeout=600):
-    """Run a project script (under torchrun with gloo when nproc > 1); returns the CompletedProcess."""
+def run_script(script, *args, nproc=1, env=None, check=True, timeout=600, cwd=ROOT):
+    """Run a project script (under torchrun with gloo when nproc > 1) in cwd; returns the CompletedProcess."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
                 "ACCELERATE_USE_CPU": "true", **(env or {})}
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    result = subprocess.run([*launcher, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
+    result = subprocess.run([*launcher, str(ROOT / script), *map(str, args)], cwd=cwd, env=full_env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(
@@ -123,3 +125,32 @@ def fixture_sit(fix):
     model = fill_(SiT(**config).double())
     set_batchnorm_stats(model.bn, {"latents_scale": fix["latents_scale"], "latents_bias": fix["latents_bias"]})
     return model
+
+
+def assert_user_error(result, *fragments):
+    """A script refused bad input the way a person can read: no traceback, and a closing `error: ...` message
+    (its first line, possibly followed by detail lines) that contains every fragment; returns the message."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-5000:]
+    lines = result.stderr.strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    assert starts, result.stderr[-3000:]
+    message = "\n".join(lines[starts[-1]:])
+    for fragment in fragments:
+        assert str(fragment) in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def file_mode(path):
+    """Permission bits of a file or folder."""
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@contextlib.contextmanager
+def umask(value):
+    """Run the block with the given umask (e.g. 0o022: files 0644, folders 0755), then restore the caller's."""
+    old = os.umask(value)
+    try:
+        yield
+    finally:
+        os.umask(old)

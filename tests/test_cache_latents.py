@@ -10,8 +10,9 @@ import torch
 
 import cache_latents
 import preprocessing
-from helpers import make_photo_tree, run_script
+from helpers import assert_user_error, file_mode, make_photo_tree, run_script, umask
 from utils.data import ImageDataset, ImageLatentDataset, latent_name
+from utils.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +37,28 @@ def test_rank_slices_cover_each_index_once_in_order(num_items, batch_size, world
 def test_refuses_to_overwrite(tmp_path):
     """An existing latents file is named in the error before any work starts."""
     (tmp_path / "x.h5").write_bytes(b"old")
-    with pytest.raises(SystemExit, match=r"x\.h5 already exists; pass --overwrite"):
+    with pytest.raises(UserError, match=r"x\.h5 already exists; pass --overwrite"):
         cache_latents.main(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path), "--vae-latents-name", "x"])
     assert (tmp_path / "x.h5").read_bytes() == b"old"
+
+
+def test_missing_data_folder_ends_with_one_line(tmp_path):
+    missing = tmp_path / "data"
+    result = run_script("cache_latents.py", "--vae-random-init", "--data-dir", missing, "--output-dir", tmp_path,
+                        check=False, cwd=tmp_path)
+    assert_user_error(result, f"--data-dir {missing}: no such folder; run preprocessing.py --output-path {missing}")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
 def test_two_processes_match_a_direct_encode(images_dir):
     """torchrun with 2 gloo processes writes each image's mean and std once, in dataset order."""
-    run_script("cache_latents.py", "--vae-arch", "f8d4", "--vae-random-init", "--data-dir", images_dir,
-               "--output-dir", images_dir, "--vae-latents-name", "rnd", "--pproc-batch-size", 2, "--num-workers", 1,
-               nproc=2, timeout=300)
+    with umask(0o022):
+        run_script("cache_latents.py", "--vae-arch", "f8d4", "--vae-random-init", "--data-dir", images_dir,
+                   "--output-dir", images_dir, "--vae-latents-name", "rnd", "--pproc-batch-size", 2,
+                   "--num-workers", 1, nproc=2, timeout=300)
     assert sorted(os.listdir(images_dir)) == ["images.h5", "images_h5.json", "rnd.h5", "rnd_h5.json"]
+    assert file_mode(images_dir / "rnd.h5") == file_mode(images_dir / "rnd_h5.json") == 0o644  # not private
 
     images = ImageDataset(str(images_dir))
     names = [latent_name(n) for n in images.filelist]

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import preprocessing
 from helpers import make_photo_tree
 from utils.data import ImageDataset, ImageLatentDataset, ResumableDistributedSampler, latent_name, read_entry
+from utils.errors import UserError
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
 
@@ -80,12 +81,74 @@ def test_two_worker_dataloader_reads_everything(data):
     assert got_labels.tolist() == labels
 
 
-def test_missing_files_name_the_fix(tmp_path, data):
-    """Missing images or latents raise FileNotFoundError naming the file and the script to run."""
-    with pytest.raises(FileNotFoundError, match=r"images_h5\.json not found; run preprocessing\.py"):
+def test_missing_files_name_the_flag_and_the_fix(tmp_path, data):
+    """A missing folder or file names --data-dir and the command that writes it, before anything is opened."""
+    missing = tmp_path / "nowhere"
+    with pytest.raises(UserError, match=f"--data-dir {missing}: no such folder; run preprocessing.py --output-path "
+                                        f"{missing} to make it"):
+        ImageDataset(str(missing))
+    with pytest.raises(UserError, match=f"--data-dir {tmp_path}: holds no images.h5 and no images_h5.json; "
+                                        f"run preprocessing.py --output-path {tmp_path}$"):
         ImageDataset(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"nope_h5\.json not found; run cache_latents\.py"):
+    with pytest.raises(UserError, match=r"--data-dir .*: no such folder; run preprocessing\.py"):
+        ImageLatentDataset(str(missing), vae_latents_name="lat")
+    with pytest.raises(UserError, match=f"--data-dir {data[0]}: holds no nope.h5 and no nope_h5.json; run "
+                                        f"cache_latents.py --data-dir {data[0]} --output-dir {data[0]} "
+                                        "--vae-latents-name nope"):
         ImageLatentDataset(str(data[0]), vae_latents_name="nope")
+
+
+def copy_data(data_dir, folder, names=("images.h5", "images_h5.json", "lat.h5", "lat_h5.json")):
+    """A copy of some files of the data folder; returns the copy's folder."""
+    folder.mkdir()
+    for name in names:
+        shutil.copy(data_dir / name, folder / name)
+    return folder
+
+
+def cut_short(path):
+    """Truncate a file to half its size, as an interrupted copy leaves it."""
+    content = path.read_bytes()
+    path.write_bytes(content[:len(content) // 2])
+
+
+def test_truncated_files_are_named_with_the_command_that_writes_them(tmp_path, data):
+    images = copy_data(data[0], tmp_path / "images")
+    cut_short(images / "images.h5")
+    with pytest.raises(UserError, match=f"{images / 'images.h5'} is damaged or truncated .*write it again with "
+                                        f"preprocessing.py --output-path {images} --overwrite"):
+        ImageDataset(str(images))
+    latents = copy_data(data[0], tmp_path / "latents")
+    cut_short(latents / "lat.h5")
+    with pytest.raises(UserError, match=f"{latents / 'lat.h5'} is damaged or truncated .*write it again with "
+                                        f"cache_latents.py --output-dir {latents} --vae-latents-name lat --overwrite"):
+        ImageLatentDataset(str(latents), vae_latents_name="lat")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("images_h5.json", "[\"00000/img00000000.png\", ", r"images_h5\.json is not valid JSON"),
+    ("images_h5.json", "{\"00000/img00000000.png\": 1}", r"images_h5\.json is not a JSON list of entry names"),
+    ("lat_h5.json", "", r"lat_h5\.json is not valid JSON .*cache_latents\.py"),
+    ("lat_h5.json", "[\"dataset.json\"]", r"lat_h5\.json lists no \.npy entries"),
+])
+def test_malformed_name_lists_are_named(tmp_path, data, name, content, message):
+    folder = copy_data(data[0], tmp_path / "data")
+    (folder / name).write_text(content)
+    with pytest.raises(UserError, match=message):
+        ImageLatentDataset(str(folder), vae_latents_name="lat")
+
+
+@pytest.mark.parametrize("labels, message", [
+    (b'{"labels": [["00000/img00000000.png", 0]', r"images\.h5: entry dataset\.json cannot be read \(JSONDecodeError"),
+    (b'{"classes": 2}', r"images\.h5: its dataset\.json entry holds no \[\[name, label\], \.\.\.\] list"),
+])
+def test_malformed_labels_entry_is_named(tmp_path, data, labels, message):
+    folder = copy_data(data[0], tmp_path / "data", names=("images.h5", "images_h5.json"))
+    with h5py.File(folder / "images.h5", "a") as h5f:
+        del h5f["dataset.json"]
+        h5f.create_dataset("dataset.json", data=np.array(labels, dtype="S"))
+    with pytest.raises(UserError, match=message + ".*preprocessing.py --output-path"):
+        ImageDataset(str(folder))
 
 
 def test_missing_label_is_reported(tmp_path):
@@ -99,7 +162,7 @@ def test_missing_label_is_reported(tmp_path):
         labels = json.dumps({"labels": [[names[0], 3]]}).encode()
         h5f.create_dataset("dataset.json", data=np.array(labels, dtype="S"))
     (tmp_path / "images_h5.json").write_text(json.dumps(["00000", *names, "dataset.json"]))
-    with pytest.raises(ValueError, match=r"no label for 1 of 2 entries, first 00000/img00000001\.png"):
+    with pytest.raises(UserError, match=r"no label for 1 of 2 entries, first 00000/img00000001\.png"):
         ImageDataset(str(tmp_path))
 
 
@@ -173,5 +236,5 @@ def test_damaged_entry_error_names_file_and_entry(tmp_path):
     path = tmp_path / "images.h5"
     with h5py.File(path, "w") as h5f:
         h5f.create_dataset("00000/img00000000.png", data=np.void(b"\x89PNG truncated"))
-    with h5py.File(path, "r") as h5f, pytest.raises(RuntimeError, match="images.h5: entry 00000/img00000000.png"):
+    with h5py.File(path, "r") as h5f, pytest.raises(UserError, match="images.h5: entry 00000/img00000000.png"):
         read_entry(h5f, "00000/img00000000.png")

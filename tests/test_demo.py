@@ -1,5 +1,6 @@
 """The demo pipeline end to end (quick setting): every stage's outputs exist and are well formed."""
 import json
+import re
 
 import h5py
 import numpy as np
@@ -9,15 +10,31 @@ from PIL import Image
 from helpers import run_script
 from utils.checkpoint import load_file
 
-pytestmark = pytest.mark.slow
+
+def test_nearest_neighbour_check_counts_classes_by_their_majority():
+    from demo import classes_recognised, nearest_training_images
+
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (8, 3))
+    train_labels = np.repeat(np.arange(8), 3)
+    train = np.broadcast_to(colours[train_labels, None, None], (24, 32, 32, 3)).astype(np.uint8)
+    labels = np.repeat(np.arange(8), 5)
+    samples = np.clip(colours[labels, None, None] + rng.normal(0, 5, (40, 32, 32, 3)), 0, 255).astype(np.uint8)
+    samples[:3] = samples[5:8]  # three of class 0's five samples look like class 1
+    samples[10:12] = samples[15:17]  # two of class 2's five samples look like class 3
+    recognised = classes_recognised(labels, train_labels[nearest_training_images(samples, train)])
+    assert recognised == {c: c != 0 for c in range(8)}
 
 
+@pytest.mark.slow
 def test_demo_quick_pipeline(tmp_path):
     out = tmp_path / "demo"
     result = run_script("demo.py", "--quick", "--out", out, timeout=900)
-    summary = {k: v for k, v in json.loads((out / "summary.json").read_text()).items()}
+    summary = json.loads((out / "summary.json").read_text())
     assert "Demo finished" in result.stdout and "train_repae:    step 6: sit_loss=" in result.stdout
-    assert "randomly initialised" in result.stdout
+    assert "randomly initialised" in result.stdout and "a rerun replaces" in result.stdout
+    for what, path in summary.items():
+        assert what in result.stdout and (out / path).exists(), what
 
     repae = load_file(summary["REPA-E checkpoint"])
     assert repae["steps"] == 6 and {"model", "ema", "vae", "discriminator"} <= repae.keys()
@@ -39,7 +56,20 @@ def test_demo_quick_pipeline(tmp_path):
     pngs = sorted((out / summary["generated PNGs"]).glob("*.png"))
     assert len(pngs) >= 8 and np.array_equal(np.asarray(Image.open(pngs[0])), samples[0])
 
+    # the learning check: a figure out of 8 beside the losses (the quick pass need not reach the pass mark)
+    figure = re.search(r"nearest-neighbour check: (\d+)/8 classes", result.stdout)
+    assert figure and 0 <= int(figure.group(1)) <= 8
+    check = Image.open(summary["nearest-neighbour check (samples | nearest training images)"])
+    assert check.size == (2 * 5 * 32, 8 * 32)
 
+    # evaluate.py is left out of the quick pass (tests/test_evaluate.py runs it); the other two tools run
+    assert "evaluate.py: skipped by --quick" in result.stdout and "evaluate.py numbers (.json)" not in summary
+    vaes = json.loads((out / summary["eval_vae.py table (.json)"]).read_text())
+    assert len(vaes) == 2 and all(np.isfinite(row["psnr"]) for row in vaes.values())
+    assert Image.open(summary["visualize_latents.py picture"]).size[0] >= 3 * 32
+
+
+@pytest.mark.slow
 def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     result = run_script("demo.py", "--quick", "--out", tmp_path, check=False)

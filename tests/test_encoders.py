@@ -1,5 +1,6 @@
 """Encoders: published preprocessing, token shapes of every family, weight files in all formats, missing weights."""
 import ast
+import warnings
 from pathlib import Path
 
 import huggingface_hub
@@ -10,7 +11,8 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from models.encoders import build_encoder, encoder_patch_tokens, preprocess_raw_image
-from utils.encoder_weights import load_encoders
+from utils.encoder_weights import load_encoders, read_weights
+from utils.errors import UserError
 
 EMBED_DIMS = {
     "dinov2-vit-s": 384, "dinov2-vit-b": 768, "dinov2-vit-l": 1024, "dinov2-vit-g": 1536,
@@ -167,6 +169,37 @@ def test_mocov3_release_format_and_timm_safetensors(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(encoder_patch_tokens(encoder, "mocov3", x),
                                    encoder_patch_tokens(source, "mocov3", x), rtol=0, atol=0)
+
+
+def test_torchscript_weights_load_only_when_allowed(tmp_path):
+    source = randomize_(build_encoder("mocov3", "s", 16)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing warns about the shape checks it freezes
+        scripted = torch.jit.trace(source, torch.randn(1, 3, 16, 16))
+    path = tmp_path / "ViT-s.pt"
+    torch.jit.save(scripted, path)
+    message = (f"encoder weights {path} are a TorchScript archive: loading it runs code stored in the file. If you "
+               "trust the file, pass --enc-allow-torchscript; or convert it once to a state dict")
+    with pytest.raises(UserError) as error:
+        read_weights(path)
+    assert str(error.value).startswith(message)
+    with pytest.raises(UserError) as error:
+        load_encoders("mocov3-vit-s", "cpu", resolution=16, ckpt=str(path))
+    assert str(error.value).startswith(message)
+    (encoder,), _, _ = load_encoders("mocov3-vit-s", "cpu", resolution=16, ckpt=str(path), allow_torchscript=True)
+    for name, value in source.state_dict().items():
+        torch.testing.assert_close(encoder.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_weights_that_are_no_state_dict_are_named(tmp_path):
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(UserError, match=f"^encoder weights {path} hold a Tensor, not a state dict$"):
+        load_encoders("mocov3-vit-s", "meta", resolution=16, ckpt=str(path))
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3)}, path)
+    with pytest.raises(UserError, match=f"^encoder weights {path} does not fit VisionTransformer: check the model "
+                                        r"flags \(e\.g\. --model, --vae, --enc-type\)"):
+        load_encoders("mocov3-vit-s", "cpu", resolution=16, ckpt=str(path))
 
 
 def test_missing_weights_error_says_what_to_get(no_weights_anywhere):

@@ -9,11 +9,12 @@ from skimage.metrics import structural_similarity
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 import eval_vae
-from helpers import make_dataset, run_script
+from helpers import assert_user_error, make_dataset, run_script
 from loss.lpips import build_lpips
 from models.autoencoder import vae_models
 from utils.data import ImageDataset
 from utils.diffusers_vae import export_diffusers_vae
+from utils.errors import report_user_errors
 from utils.evaluation import InceptionV3
 from utils.latents import preprocess_imgs_vae
 
@@ -120,20 +121,31 @@ def test_eval_vae_compares_vae_forms_in_one_table(tmp_path, data_dir, images, ca
 
 @pytest.mark.parametrize("name, message", [
     ("nothere.pt", "--vae-ckpt {ckpt}: checkpoint file not found"),
-    ("f16d32.pt", "--vae-ckpt {ckpt}: {ckpt} does not fit AutoencoderKL:"),
+    ("f16d32.pt", "--vae-ckpt {ckpt}: {ckpt} does not fit AutoencoderKL: check the model flags"),
+    ("training.pt", "--vae-ckpt {ckpt}: {ckpt} holds a REPA-E training checkpoint (keys model, ema, vae, args), "
+                    "not a VAE state dict: extract it with save_vae_weights.py"),
+    ("text.pt", "--vae-ckpt {ckpt}: {ckpt} is not a PyTorch or safetensors checkpoint"),
 ])
 def test_eval_vae_bad_checkpoint_ends_with_one_line(tmp_path, data_dir, name, message):
     ckpt = tmp_path / name
     if name == "f16d32.pt":
         torch.save(vae_models["f16d32-tiny"]().state_dict(), ckpt)
+    elif name == "training.pt":
+        vae = random_vae(0).state_dict()
+        torch.save({"model": {}, "ema": {}, "vae": vae, "args": {}}, ckpt)
+    elif name == "text.pt":
+        ckpt.write_text("a note, not weights")
     with pytest.raises(SystemExit) as exit_info:
-        eval_vae.main(["--vae", ARCH, "--vae-ckpt", str(ckpt), "--data-dir", str(data_dir), "--no-rfid",
-                       "--lpips-random-init", "--num-workers", "0", "--device", "cpu"])
+        report_user_errors(eval_vae.main)(["--vae", ARCH, "--vae-ckpt", str(ckpt), "--data-dir", str(data_dir),
+                                           "--no-rfid", "--lpips-random-init", "--num-workers", "0", "--device", "cpu"])
     assert str(exit_info.value).startswith("error: " + message.format(ckpt=ckpt))
     assert "\n" not in str(exit_info.value)
 
 
 def test_eval_vae_missing_data(tmp_path):
-    with pytest.raises(SystemExit, match="images_h5.json not found; run preprocessing.py first"):
-        eval_vae.main(["--vae", ARCH, "--vae-ckpt", "none", "--data-dir", str(tmp_path), "--no-rfid",
-                       "--lpips-random-init", "--device", "cpu"])
+    missing = tmp_path / "nowhere"
+    result = run_script("eval_vae.py", "--vae", ARCH, "--vae-ckpt", "none", "--data-dir", missing, "--no-rfid",
+                        "--lpips-random-init", "--device", "cpu", "--json", tmp_path / "out.json", check=False,
+                        cwd=tmp_path)
+    assert_user_error(result, f"--data-dir {missing}: no such folder; run preprocessing.py --output-path {missing}")
+    assert sorted(tmp_path.iterdir()) == []

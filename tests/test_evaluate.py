@@ -10,8 +10,9 @@ from scipy import linalg
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 import evaluate
-from helpers import ROOT, run_script
+from helpers import ROOT, assert_user_error, run_script
 from utils import evaluation
+from utils.errors import report_user_errors
 from utils.evaluation import (
     INCEPTION_ENV,
     INCEPTION_FILE,
@@ -332,9 +333,17 @@ def test_evaluate_bad_input_ends_with_one_line(tmp_path, monkeypatch, setup, mes
                          {"arr_0": random_images(4, size=32 if setup == "sizes" else 24)}))
     argv = [str(ref), str(tmp_path / "nothere.npz" if setup == "missing" else samples), "--device", "cpu"]
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(argv)
+        report_user_errors(evaluate.main)(argv)
     assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value)
     assert "\n" not in str(exit_info.value)
+
+
+def test_evaluate_bad_file_ends_with_one_line(tmp_path):
+    (tmp_path / "ref.npz").write_text("not a zip")
+    result = run_script("evaluate.py", tmp_path / "ref.npz", tmp_path / "ref.npz", "--json", tmp_path / "out.json",
+                        check=False, cwd=tmp_path)
+    assert_user_error(result, f"{tmp_path / 'ref.npz'} is no .npz file")
+    assert not (tmp_path / "out.json").exists()
 
 
 @pytest.mark.slow

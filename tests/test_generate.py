@@ -9,10 +9,12 @@ import torch
 from PIL import Image
 
 import generate
+import utils.samplers
 from fixtures.fill import fill_
-from helpers import run_script
+from helpers import assert_user_error, file_mode, run_script, umask
 from models.autoencoder import vae_models
 from models.sit import SiT_models
+from utils.errors import UserError
 from utils.latents import denormalize_latents, stats_from_batchnorm
 from utils.samplers import euler_maruyama_sampler, euler_sampler
 
@@ -111,12 +113,12 @@ def test_published_folder_seed_numbering_and_npz(setup, tmp_path, capsys):
         assert list(data.keys()) == ["arr_0"]
         np.testing.assert_array_equal(data["arr_0"], got[:3])
 
-    # an existing .npz: nothing to do
+    # an existing .npz made with the same settings: nothing to do
     assert generate.main(argv) == npz
-    assert f"{npz} already exists" in capsys.readouterr().out
+    assert f"Skipping sampling as {npz} already exists." in capsys.readouterr().out
     # without it, PNGs of other settings are not mixed in
     npz.unlink()
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(UserError, match="other settings"):
         generate.main(argv + ["--num-steps", "4"])
 
 
@@ -126,6 +128,49 @@ def test_existing_npz_needs_no_checkpoint(tmp_path, capsys):
     out = generate.main(["--ckpt", str(tmp_path / "exp" / "checkpoints" / "7.pt"), "--sample-dir", str(tmp_path)])
     assert out == npz
     assert "already exists" in capsys.readouterr().out
+
+
+def test_npz_records_its_settings_and_refuses_other_ones(setup, tmp_path, capsys):
+    samples = tmp_path / "samples"
+    argv = ["--exp-path", str(setup["repae"]), "--sample-dir", str(samples), "--pproc-batch-size", "1",
+            "--num-fid-samples", "1", "--num-steps", "2"]
+    with umask(0o022):
+        npz = generate.main(argv)
+    record = npz.with_name(npz.name.removesuffix(".npz") + ".settings.json")
+    folder = npz.with_name(npz.name.removesuffix(".npz"))
+    # readable by collaborators, like any file the user writes (not mkstemp's private 0600)
+    assert [file_mode(p) for p in (npz, record, folder / "000000.png", folder / "sampling.json")] == [0o644] * 4
+    recorded = json.loads(record.read_text())
+    assert recorded["num_steps"] == 2 and recorded["num_fid_samples"] == 1 and recorded["step"] == f"{STEP:07d}"
+    assert recorded["checkpoint"] == str((setup["repae"] / "checkpoints" / f"{STEP:07d}.pt").resolve())
+    written = npz.read_bytes()
+
+    with pytest.raises(UserError) as error:
+        generate.main(argv[:-1] + ["3", "--num-fid-samples", "2"])
+    message = str(error.value)
+    assert "num_steps: 2 recorded, 3 now" in message and "num_fid_samples: 1 recorded, 2 now" in message
+    assert str(npz) in message and "--sample-dir" in message and "global_seed" not in message
+    assert npz.read_bytes() == written and json.loads(record.read_text()) == recorded
+
+    capsys.readouterr()
+    assert generate.main(argv) == npz  # the same settings: nothing to do
+    assert capsys.readouterr().out.strip() == f"Skipping sampling as {npz} already exists."
+    record.unlink()  # an .npz of older code: its settings are unknown, so it is kept as it is
+    assert generate.main(argv[:-1] + ["3"]) == npz
+    assert "its settings are unknown" in capsys.readouterr().out and npz.read_bytes() == written
+
+
+def test_bad_checkpoints_end_with_one_line_and_write_nothing(setup, tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("step 100 looked fine\n")
+    state_dict = tmp_path / "weights.pt"
+    torch.save(setup["model"].state_dict(), state_dict)
+    samples = tmp_path / "samples"
+    with pytest.raises(UserError, match=r"weights\.pt holds keys .*not a training checkpoint with 'ema' weights"):
+        generate.main(["--ckpt", str(state_dict), "--sample-dir", str(samples), "--num-fid-samples", "1"])
+    result = run_script("generate.py", "--ckpt", text, "--sample-dir", samples, check=False, cwd=tmp_path)
+    assert_user_error(result, text, "not a PyTorch or safetensors checkpoint")
+    assert not samples.exists()
 
 
 @pytest.mark.parametrize("flags, sampler, expected", [
@@ -138,8 +183,9 @@ def test_existing_npz_needs_no_checkpoint(tmp_path, capsys):
 def test_sampler_flags(setup, tmp_path, monkeypatch, flags, sampler, expected):
     calls = []
     for name in ("euler_sampler", "euler_maruyama_sampler"):
-        real = getattr(generate, name)
-        monkeypatch.setattr(generate, name, lambda real=real, name=name, **kw: calls.append((name, kw)) or real(**kw))
+        real = getattr(utils.samplers, name)
+        monkeypatch.setattr(utils.samplers, name,
+                            lambda real=real, name=name, **kw: calls.append((name, kw)) or real(**kw))
     # --ckpt alone: model settings from the checkpoint's own args, name from EXP/checkpoints/N.pt
     ckpt = setup["repae"] / "checkpoints" / f"{STEP:07d}.pt"
     npz = generate.main(["--ckpt", str(ckpt), "--sample-dir", str(tmp_path), "--pproc-batch-size", "1",
@@ -179,7 +225,7 @@ def test_vae_override_keeps_batchnorm_stats_of_repae_checkpoints(setup, tmp_path
 
 
 def test_missing_checkpoint(tmp_path):
-    with pytest.raises(SystemExit, match="checkpoint not found"):
+    with pytest.raises(UserError, match="checkpoint not found"):
         generate.main(["--exp-path", str(tmp_path / "exp"), "--train-steps", "5", "--sample-dir", str(tmp_path)])
     assert not list(tmp_path.iterdir())
 

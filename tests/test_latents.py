@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from models.autoencoder import vae_models
+from utils.errors import UserError
 from utils.latents import (
     denormalize_latents,
     diffusers_config_from_stats,
@@ -106,3 +107,21 @@ def test_vae_file_with_stats_beside_it(tmp_path):
     loaded, loaded_stats = load_vae("f8d4-tiny", path)
     assert all(torch.equal(loaded_stats[key], stats[key]) for key in stats)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
+
+
+def test_wrong_vae_files_are_named(tmp_path):
+    vae = vae_models["f8d4-tiny"]()
+    path = tmp_path / "tiny.pt"
+    torch.save({"model": {}, "ema": {}, "vae": vae.state_dict(), "steps": 3}, path)
+    with pytest.raises(UserError, match=f"^{path} holds a REPA-E training checkpoint .*not a VAE state dict: "
+                                        r"extract it with save_vae_weights\.py$"):
+        load_vae("f8d4-tiny", path)
+    torch.save(vae.state_dict(), path)
+    torch.save(torch.ones(1, 4, 1, 1), tmp_path / "tiny-latents-stats.pt")
+    with pytest.raises(UserError, match=r"tiny-latents-stats\.pt holds a Tensor, not latent statistics"):
+        load_vae("f8d4-tiny", path)
+    torch.save({"scale": torch.ones(1, 4, 1, 1)}, tmp_path / "tiny-latents-stats.pt")
+    with pytest.raises(UserError, match=r"tiny-latents-stats\.pt holds keys scale, not latent statistics"):
+        load_vae("f8d4-tiny", path)
+    with pytest.raises(UserError, match="--vae f9d9 is unknown"):
+        load_vae("f9d9", path)

@@ -14,8 +14,9 @@ import skimage.data
 from PIL import Image
 
 import preprocessing
-from helpers import PHOTOS, make_photo_tree, run_script
+from helpers import PHOTOS, assert_user_error, make_photo_tree, run_script
 from preprocessing import center_crop_arr
+from utils.errors import UserError
 from utils.files import current_umask
 
 
@@ -149,7 +150,7 @@ def test_refuses_to_overwrite_without_flag(tmp_path):
             "--num-workers", "1", "--resolution", "32"]
     preprocessing.main(argv)
     before = (tmp_path / "out/images.h5").read_bytes()
-    with pytest.raises(SystemExit, match=r"images\.h5 already exists; pass --overwrite"):
+    with pytest.raises(UserError, match=r"images\.h5 already exists; pass --overwrite"):
         preprocessing.main(argv[:-1] + ["64"])
     assert (tmp_path / "out/images.h5").read_bytes() == before
     preprocessing.main(argv[:-1] + ["64", "--overwrite"])
@@ -186,6 +187,15 @@ def test_labels_from_source_dataset_json(tmp_path):
     assert [(Path(p).name, reason) for p, reason in skipped] == [("chelsea.png", "no label in the source dataset.json")]
 
 
+def test_malformed_source_dataset_json_is_named(tmp_path):
+    make_photo_tree(tmp_path / "src", photos=("chelsea",), classes=("x",))
+    (tmp_path / "src/dataset.json").write_text('{"labels": [["x/chelsea.png"]]}')
+    with pytest.raises(UserError, match=r"src/dataset\.json is not a labels file .*fix or remove it"):
+        preprocessing.main(["--imagenet-path", str(tmp_path / "src"), "--output-path", str(tmp_path / "out"),
+                            "--num-workers", "1", "--resolution", "32"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_max_images_takes_the_first_files(tmp_path):
     """--max-images keeps the first N files of the sorted list."""
     make_photo_tree(tmp_path / "src", classes=("a", "b", "c", "d"))
@@ -203,9 +213,9 @@ def test_command_line(tmp_path):
     first = run_script("preprocessing.py", *args)
     assert "Wrote 2 images" in first.stdout
     assert stat.S_IMODE((tmp_path / "out" / "images.h5").stat().st_mode) == 0o666 & ~current_umask()
-    second = run_script("preprocessing.py", *args, check=False)
+    second = run_script("preprocessing.py", *args, check=False, cwd=tmp_path)  # from any working folder
     assert second.returncode == 1
-    assert f"{tmp_path / 'out' / 'images.h5'} already exists" in second.stderr
+    assert_user_error(second, f"{tmp_path / 'out' / 'images.h5'} already exists; pass --overwrite")
 
 
 def test_decoding_windows_keep_file_order(tmp_path):

@@ -4,6 +4,7 @@ import torch
 
 from helpers import assert_close_rel, fixture_sit
 from models.interpolant import interpolant
+from models.sit import SiT_models
 from utils.samplers import euler_maruyama_sampler, euler_sampler, score_from_velocity
 
 
@@ -92,3 +93,50 @@ def test_score_from_velocity_on_gaussian_data(path_type):
     var = a ** 2 + s ** 2
     v = (a * da + s * ds) / var * x_t  # E[da x + ds eps | x_t] for Gaussian data
     torch.testing.assert_close(score_from_velocity(v, x_t, t, path_type), -x_t / var)
+
+
+def reference_velocity(model, x, y, t, cfg_scale, use_cfg, sde=False, path_type="linear"):
+    """The samplers' network call before issue 12: the batch built per step, times as float64 tensors."""
+    if use_cfg:
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])
+    t_in = torch.full((x.shape[0],), float(t), dtype=torch.float64)
+    v = model.inference(x.float(), t_in.float(), y=y).double()
+    if sde:
+        v = v - 0.5 * (2 * t) * score_from_velocity(v, x, t_in, path_type)
+    cond, uncond = v.chunk(2) if use_cfg else (v, v)
+    return uncond + cfg_scale * (cond - uncond) if use_cfg else v
+
+
+def reference_sampler(model, x, y, num_steps, sde, cfg_scale, guidance_low, guidance_high, path_type="linear"):
+    """Euler ODE or Euler-Maruyama SDE as written before issue 12 (tensor times, per-step guidance decisions)."""
+    if sde:
+        t_steps = torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.zeros(1).double()])
+    else:
+        t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    x = x.double()
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        use_cfg = cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high
+        noisy = sde and i < len(t_steps) - 2
+        deps = torch.randn_like(x) * torch.sqrt(torch.abs(t_next - t_cur)) if noisy else 0
+        d_cur = reference_velocity(model, x, y, t_cur, cfg_scale, use_cfg, sde, path_type)
+        x = x + d_cur * (t_next - t_cur) + (torch.sqrt(2 * t_cur) * deps if noisy else 0)
+    return x
+
+
+@pytest.mark.parametrize("sde", [False, True])
+@pytest.mark.parametrize("cfg", [dict(cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0),
+                                 dict(cfg_scale=1.8, guidance_low=0.0, guidance_high=0.7)])
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_samples_identical_to_the_per_step_implementation(sde, cfg, path_type):
+    torch.manual_seed(0)
+    model = SiT_models["SiT-T/2"](input_size=8, num_classes=10, z_dims=[8], encoder_depth=1).eval()
+    for param in model.parameters():  # nonzero output layers: the samples depend on the network
+        param.data.normal_(0, 0.05)
+    latents, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
+    sampler = euler_maruyama_sampler if sde else euler_sampler
+    torch.manual_seed(1)
+    out = sampler(model, latents, y, num_steps=50, path_type=path_type, **cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        expected = reference_sampler(model, latents, y, 50, sde, path_type=path_type, **cfg)
+    assert torch.equal(out, expected)

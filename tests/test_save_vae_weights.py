@@ -6,11 +6,12 @@ import torch
 
 import save_vae_weights
 from fixtures.fill import fill_
-from helpers import run_script
+from helpers import assert_user_error, file_mode, run_script, umask
 from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
 from models.sit import SiT
 from utils.checkpoint import load_file, load_state_dict_strict
+from utils.errors import UserError
 from utils.latents import load_vae
 
 
@@ -60,7 +61,7 @@ def test_refuses_to_overwrite(repae_ckpt, tmp_path):
     stats_file = tmp_path / "v" / "v-latents-stats.pt"
     stats_file.parent.mkdir()
     stats_file.write_bytes(b"keep me")
-    with pytest.raises(SystemExit, match="refusing to overwrite .*v-latents-stats.pt"):
+    with pytest.raises(UserError, match="refusing to overwrite .*v-latents-stats.pt"):
         save_vae_weights.main(argv)
     assert stats_file.read_bytes() == b"keep me" and not (tmp_path / "v" / "v.pt").exists()
     outputs = save_vae_weights.main(argv + ["--overwrite"])
@@ -73,21 +74,36 @@ def test_rejects_checkpoints_without_vae(repae_ckpt, tmp_path):
     _, checkpoint, _ = repae_ckpt
     ldm = tmp_path / "ldm.pt"
     torch.save({k: checkpoint[k] for k in ("model", "ema", "args", "steps")}, ldm)
-    with pytest.raises(SystemExit, match="no 'vae' entry"):
+    with pytest.raises(UserError, match="no 'vae' entry: it is not a REPA-E training checkpoint"):
         save_vae_weights.main(["--repae-ckpt", str(ldm), "--save-dir", str(tmp_path)])
     bad = tmp_path / "bad.pt"
     torch.save({**checkpoint, "vae": {"encoder.conv_in.weight": torch.zeros(1)}}, bad)
-    with pytest.raises(ValueError, match="fits none of the autoencoder layouts"):
+    with pytest.raises(UserError, match="fits none of the autoencoder layouts"):
         save_vae_weights.main(["--repae-ckpt", str(bad), "--save-dir", str(tmp_path)])
+    torch.save(checkpoint["vae"]["encoder.conv_in.weight"], bad)
+    with pytest.raises(UserError, match=r"bad\.pt holds a Tensor, not a REPA-E training checkpoint"):
+        save_vae_weights.main(["--repae-ckpt", str(bad), "--save-dir", str(tmp_path)])
+    # an exported VAE given back: one line from the command, nothing written
+    vae_file = tmp_path / "vae.pt"
+    torch.save(checkpoint["vae"], vae_file)
+    result = run_script("save_vae_weights.py", "--repae-ckpt", vae_file, "--save-dir", tmp_path / "exps",
+                        check=False, cwd=tmp_path)
+    assert_user_error(result, f"{vae_file} has no 'vae' entry: it is not a REPA-E training checkpoint (keys "
+                              "encoder.conv_in.weight")
+    assert not (tmp_path / "exps").exists()
 
 
 def test_diffusers_export(repae_ckpt, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     path, checkpoint, _ = repae_ckpt
-    outputs = save_vae_weights.main(["--repae-ckpt", str(path), "--vae-name", "e2e", "--save-dir", str(tmp_path),
-                                     "--diffusers"])
+    with umask(0o022):
+        outputs = save_vae_weights.main(["--repae-ckpt", str(path), "--vae-name", "e2e", "--save-dir",
+                                         str(tmp_path), "--diffusers"])
     folder = tmp_path / "e2e" / "diffusers"
     assert outputs["diffusers"] == folder
+    # what the user exports is readable by collaborators (not mkstemp's 0600 / mkdtemp's 0700)
+    files = [outputs[kind] for kind in ("vae", "latents_stats", "discriminator")] + sorted(folder.iterdir())
+    assert len(files) == 6 and {file_mode(f) for f in files} == {0o644} and file_mode(folder) == 0o755
     reference = diffusers.AutoencoderKL.from_pretrained(folder).eval()
     ours, stats = load_vae("f8d4", folder)
     stats_file = load_file(outputs["latents_stats"])

@@ -1,10 +1,24 @@
-"""The command lines of REPA-E's data, export and sampling scripts keep working: every flag, its type and default."""
+"""The command lines of REPA-E's data, export, sampling and evaluation scripts: every flag, its type and default,
+help for each, and a --help that answers at once (no heavy library imported) from any working folder."""
+import argparse
+import subprocess
+import sys
+
 import pytest
 
 import cache_latents
+import eval_vae
+import evaluate
 import generate
 import preprocessing
 import save_vae_weights
+import visualize_latents
+from helpers import ROOT
+
+SCRIPTS = (generate, cache_latents, preprocessing, save_vae_weights, evaluate, eval_vae, visualize_latents)
+# Libraries that take from a tenth of a second (numpy) to several seconds (torch) to import.
+HEAVY = {"torch", "torchvision", "diffusers", "timm", "h5py", "numpy", "PIL", "scipy", "accelerate",
+         "huggingface_hub", "safetensors", "tqdm", "torch_fidelity", "torchmetrics"}
 
 # flag -> (default, another value), from REPA-E's scripts; a boolean flag is passed as --flag / --no-flag.
 FLAGS = {
@@ -60,3 +74,24 @@ def test_generate_rejects_bad_flags(flags, message, capsys):
     with pytest.raises(SystemExit):
         generate.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_help_imports_nothing_heavy_from_any_folder(script, tmp_path):
+    result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / f"{script.__name__}.py"), "--help"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("usage:") and "(default:" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "utils.errors" in imported  # the timing lines were read
+    assert not {name for name in imported if name.split(".")[0] in HEAVY}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_every_flag_has_help_and_shows_its_default(script):
+    parser = script.build_parser()
+    assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+    undocumented = [action.dest for action in parser._actions
+                    if not (action.help or "").strip() or action.help == argparse.SUPPRESS]
+    assert undocumented == []

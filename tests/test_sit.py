@@ -212,3 +212,37 @@ def test_repa_loss_equals_per_sample_loop():
     expected /= len(zs) * 3
     torch.testing.assert_close(repa_loss(zs_tilde, zs), expected, rtol=1e-14, atol=1e-15)
     assert repa_loss(zs, zs).item() == pytest.approx(-1.0)
+
+
+def test_grad_checkpointing_gives_the_same_losses_and_gradients():
+    torch.manual_seed(0)
+    model = SiT_models["SiT-T/2"](input_size=8, in_channels=4, num_classes=3, z_dims=[16], encoder_depth=2)
+    with torch.no_grad():
+        for param in model.parameters():  # non-zero adaLN and output layers, so every block matters
+            param.add_(0.05 * torch.randn_like(param))
+    x, y, zs = torch.randn(2, 4, 8, 8), torch.tensor([0, 2]), [torch.randn(2, 16, 16)]
+    t, noise = torch.rand(2, 1, 1, 1), torch.randn(2, 4, 8, 8)
+
+    def losses_and_grads(recompute):
+        model.set_grad_checkpointing(recompute)
+        model.zero_grad()
+        out = model(x=x, y=y, zs=zs, loss_kwargs={}, time_input=t, noises=noise)
+        (out["denoising_loss"].mean() + out["proj_loss"]).backward()
+        grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
+        return out["denoising_loss"].detach(), grads
+
+    model.eval()  # no label dropout, fixed batch-norm statistics: the two passes see the same inputs
+    plain_loss, plain_grads = losses_and_grads(False)
+    recomputed_loss, recomputed_grads = losses_and_grads(True)
+    torch.testing.assert_close(recomputed_loss, plain_loss, rtol=0, atol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(recomputed_grads[name], grad, rtol=1e-6, atol=1e-7)
+    # And the activations really are dropped: far fewer tensors are kept for the backward.
+    def saved_tensors(recompute):
+        model.set_grad_checkpointing(recompute)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            model(x=x, y=y, zs=zs, loss_kwargs={}, time_input=t, noises=noise)
+        return len(saved)
+
+    assert saved_tensors(True) < saved_tensors(False) / 2

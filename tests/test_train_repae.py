@@ -5,14 +5,18 @@ tests; `ddp` (2 gloo processes) serves the batch-norm and two-process resume tes
 """
 import copy
 import json
+import shutil
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_repae
 from helpers import (
+    ROOT,
     assert_same_state,
+    assert_user_error,
     first_state,
     make_dataset,
     run_script,
@@ -23,8 +27,9 @@ from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
 from models.sit import SiT_models
 from utils.checkpoint import load_file
+from utils.data import ImageDataset
 from utils.guard import NonFiniteGuard
-from utils.training import make_accelerator
+from utils.training import load_loss_config, make_accelerator
 
 pytestmark = pytest.mark.slow
 
@@ -108,6 +113,10 @@ def test_resume_reaches_the_same_weights(data_dir, base, tmp_path):
     train(data_dir, tmp_path, "stopped", "--resume-latest", **{"--max-train-steps": 6, "--checkpointing-steps": 3,
                                                                "--sampling-steps": 3})
     assert "Resumed from" in (tmp_path / "stopped" / "log.txt").read_text()
+    # The experiment's args.json stays that of its first start; each resume's flags are kept beside it.
+    assert json.loads((tmp_path / "stopped" / "args.json").read_text())["max_train_steps"] == 3
+    resumed_args = json.loads((tmp_path / "stopped" / "args-resume-0000003.json").read_text())
+    assert resumed_args["max_train_steps"] == 6 and resumed_args["resume_latest"]
     straight = load_file(base[0] / "base" / "checkpoints" / "0000006.pt")
     again = load_file(tmp_path / "stopped" / "checkpoints" / "0000006.pt")
     for key in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "rng", "data", "guard"):
@@ -201,7 +210,7 @@ def test_trackers_wandb_offline_and_tensorboard(data_dir, tmp_path):
     train(data_dir, tmp_path, "tracked", env={"WANDB_DIR": str(tmp_path)},
           **{"--report-to": "wandb,tensorboard", "--max-train-steps": 2, "--sampling-steps": 2})
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    events = list((tmp_path / "logs" / "tracked").rglob("events.out.tfevents.*"))
     scalars = {}
     for event_file in events:
         accumulator = EventAccumulator(str(event_file))
@@ -218,7 +227,7 @@ def test_ablation_switches_run(data_dir, deterministic_vae, tmp_path):
     assert first_state(frozen["opt"])["step"] == 2
     train(data_dir, tmp_path, "nostop", "--diffusion-loss-to-vae", "--log-latent-stats",
           **{"--report-to": "tensorboard", "--max-train-steps": 1, "--checkpointing-steps": 1})
-    accumulator = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*"))))
+    accumulator = EventAccumulator(str(next((tmp_path / "logs" / "nostop").rglob("events.out.tfevents.*"))))
     accumulator.Reload()
     assert {"latent_mean/c0", "latent_std/c3", "latent_std_min"} <= set(accumulator.Tags()["scalars"])
 
@@ -232,25 +241,45 @@ def test_gradient_accumulation_counts_optimization_steps(data_dir, tmp_path):
     assert first_state(ckpt["opt"])["step"] == 2 and first_state(ckpt["opt_vae"])["step"] == 2
 
 
+def build_in_process(data_dir, out, mixed_precision="no", scaler=None):
+    """The trainer's own networks built in this process: (accelerator, nets, one batch of images and labels)."""
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
+    args = train_repae.parse_args(tiny_training_flags(data_dir, out, "x", **{"--mixed-precision": mixed_precision})
+                                  + LPIPS)
+    accelerator = make_accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=1,
+                                   report_to="none", logging_dir=out)
+    if scaler is not None:
+        accelerator.scaler = scaler
+    torch.manual_seed(0)
+    loss_config = load_loss_config(ROOT / args.loss_cfg_path, "--loss-cfg-path")
+    nets, _, loader, _ = train_repae.build(args, accelerator, ImageDataset(data_dir), loss_config)
+    images, labels = next(iter(loader))
+    return accelerator, nets, images, labels
+
+
+def one_step(nets, images, labels, accelerator, guard, **overrides):
+    """One REPA-E step with the published coefficients and a fixed random stream; returns its metrics."""
+    torch.manual_seed(1)
+    kwargs = dict(loss_kwargs=dict(path_type="linear"), proj_coeff=0.5, vae_align_proj_coeff=1.5, max_grad_norm=1.0)
+    logs = train_repae.repae_step(nets, images, labels, 0, accelerator, guard, **{**kwargs, **overrides})
+    guard.end_step()  # as the training loop closes each step
+    return logs
+
+
 @pytest.fixture(scope="module")
 def step_setup(data_dir, tmp_path_factory):
     """The trainer's own networks, built in this process, with one batch and a restorable initial state."""
-    args = train_repae.parse_args(tiny_training_flags(data_dir, tmp_path_factory.mktemp("inproc"), "x") + LPIPS)
-    accelerator = make_accelerator(mixed_precision="no", gradient_accumulation_steps=1, report_to="none",
-                                   output_dir=str(args.output_dir), logging_dir="logs")
-    torch.manual_seed(0)
-    nets, _, loader, _ = train_repae.build(args, accelerator)
+    accelerator, nets, images, labels = build_in_process(data_dir, tmp_path_factory.mktemp("inproc"))
     with torch.no_grad():  # a non-zero output layer, so the denoising loss has a gradient with respect to z
         nets.sit.final_layer.linear.weight.normal_(std=0.1)
-    images, labels = next(iter(loader))
     modules = (nets.sit, nets.vae, nets.vae_loss_fn, nets.opt_sit, nets.opt_vae, nets.opt_disc)
     initial = [copy.deepcopy(module.state_dict()) for module in modules]
-    return args, accelerator, nets, images, labels, modules, initial
+    return accelerator, nets, images, labels, modules, initial
 
 
 def vae_gradients(step_setup, diffusion_loss_to_vae, final_layer_scale=1.0):
     """Every gradient the VAE's first convolution receives during one REPA-E step from the initial state."""
-    args, accelerator, nets, images, labels, modules, initial = step_setup
+    accelerator, nets, images, labels, modules, initial = step_setup
     for module, state in zip(modules, initial):
         module.load_state_dict(state)
     with torch.no_grad():
@@ -258,11 +287,7 @@ def vae_gradients(step_setup, diffusion_loss_to_vae, final_layer_scale=1.0):
     received = []
     handle = nets.vae.encoder.conv_in.weight.register_post_accumulate_grad_hook(
         lambda param: received.append(param.grad.clone()))
-    torch.manual_seed(1)
-    guard = NonFiniteGuard(10)
-    train_repae.repae_step(nets, images, labels, 0, accelerator, guard, loss_kwargs=dict(path_type="linear"),
-                           proj_coeff=0.5, vae_align_proj_coeff=1.5, max_grad_norm=1.0,
-                           diffusion_loss_to_vae=diffusion_loss_to_vae)
+    one_step(nets, images, labels, accelerator, NonFiniteGuard(10), diffusion_loss_to_vae=diffusion_loss_to_vae)
     handle.remove()
     return received
 
@@ -275,3 +300,115 @@ def test_the_diffusion_loss_reaches_the_vae_only_without_stop_gradient(step_setu
     through, through_rescaled = vae_gradients(step_setup, True), vae_gradients(step_setup, True, 3.0)
     assert len(through) == 1 and not torch.allclose(through[0], through_rescaled[0])
     assert not torch.allclose(stopped[0], through[0])
+
+
+def test_fp16_on_cpu_scales_unscales_before_clipping_and_skips_nonfinite_updates(data_dir, tmp_path):
+    _, nets32, images, labels = build_in_process(data_dir, tmp_path, "no")
+    logs32 = one_step(nets32, images, labels, *build_in_process(data_dir, tmp_path, "no")[:1], NonFiniteGuard(10))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    accelerator, nets, images, labels = build_in_process(data_dir, tmp_path, "fp16", scaler)
+    guard = NonFiniteGuard(10)
+    logs = one_step(nets, images, labels, accelerator, guard)
+    # Three finite updates, each followed by the scaler's growth (interval 1): 2^10 -> 2^13.
+    assert scaler.get_scale() == 2.0 ** 13 and guard.skipped == 0
+    # Gradients are unscaled before clipping: the norms are those of float32, not 2^10 times larger.
+    for name in ("grad_norm_sit", "grad_norm_vae", "grad_norm_disc"):
+        torch.testing.assert_close(logs[name].float(), logs32[name].float(), rtol=0.05, atol=1e-3)
+
+    sit_before = {name: param.detach().clone() for name, param in nets.sit.named_parameters()}
+    vae_before = nets.vae.encoder.conv_in.weight.detach().clone()
+    one_step(nets, images, labels, accelerator, guard, proj_coeff=float("inf"))  # an infinite SiT loss
+    # The SiT update is skipped and the scale backs off once; the VAE and discriminator updates went through.
+    assert scaler.get_scale() == 2.0 ** 13 * 2 * 2 / 2 and guard.skipped == 1
+    assert all(torch.equal(sit_before[name], param) for name, param in nets.sit.named_parameters())
+    assert not torch.equal(vae_before, nets.vae.encoder.conv_in.weight)
+
+
+def test_fp16_on_cpu_resumes_exactly_with_its_scaler(data_dir, tmp_path):
+    flags = {"--mixed-precision": "fp16", "--checkpointing-steps": 2}
+    train(data_dir, tmp_path, "straight", **{**flags, "--max-train-steps": 4})
+    train(data_dir, tmp_path, "stopped", **{**flags, "--max-train-steps": 2})
+    train(data_dir, tmp_path, "stopped", "--resume-latest", **{**flags, "--max-train-steps": 4})
+    straight = load_file(tmp_path / "straight" / "checkpoints" / "0000004.pt")
+    again = load_file(tmp_path / "stopped" / "checkpoints" / "0000004.pt")
+    assert straight["scaler"]["scale"] == 2.0 ** 16  # torch's initial scale: no overflow, no growth yet
+    for key in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "scaler", "rng"):
+        assert_same_state(straight[key], again[key], key)
+
+
+def test_resume_with_the_wrong_model_leaves_the_experiment_as_it_was(data_dir, base):
+    exp = base[0] / "base"
+    before = {p.name: p.read_bytes() for p in exp.iterdir() if p.is_file()}
+    result = train(data_dir, base[0], "base", "--resume-latest", check=False, **{"--model": "SiT-T/4"})
+    assert_user_error(result, "0000006.pt", "[model] does not fit")
+    assert {p.name: p.read_bytes() for p in exp.iterdir() if p.is_file()} == before
+
+
+def test_resume_latest_skips_an_unreadable_checkpoint_and_cleans_interrupted_writes(data_dir, base, tmp_path):
+    exp = tmp_path / "copy"
+    shutil.copytree(base[0] / "base", exp)
+    newest = exp / "checkpoints" / "0000006.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a damaged file
+    stale = exp / "checkpoints" / ".0000009.pt.k2j4h1.tmp"  # what a killed write leaves
+    stale.write_bytes(b"partial")
+    result = train(data_dir, tmp_path, "copy", "--resume-latest", **{"--max-train-steps": 4})
+    assert "0000006.pt" in result.stderr and "unreadable" in result.stderr
+    assert "Resumed from" in (exp / "log.txt").read_text() and "0000003.pt at step 3" in (exp / "log.txt").read_text()
+    assert load_file(exp / "checkpoints" / "0000004.pt")["steps"] == 4
+    assert not stale.exists()
+
+
+def test_runs_from_any_working_folder(data_dir, tmp_path):
+    # The default --loss-cfg-path is relative to the repository, not to the working folder.
+    run_script("train_repae.py", *tiny_training_flags(data_dir, tmp_path, "elsewhere", **{"--max-train-steps": 1}),
+               *LPIPS, cwd=tmp_path)
+    assert (tmp_path / "elsewhere" / "checkpoints" / "0000001.pt").is_file()
+
+
+class HostReads:
+    """Counts reads of tensor values on the host (the CPU stand-in for device synchronisations) while active."""
+
+    METHODS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+    def __enter__(self):
+        self.count, self.saved = 0, {name: getattr(torch.Tensor, name) for name in self.METHODS}
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, self._counting(method))
+        return self
+
+    def _counting(self, method):
+        def counted(tensor, *args, **kwargs):
+            self.count += 1
+            return method(tensor, *args, **kwargs)
+        return counted
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_a_step_that_does_not_log_reads_nothing_on_the_host(step_setup):
+    accelerator, nets, images, labels, modules, initial = step_setup
+    for module, state in zip(modules, initial):
+        module.load_state_dict(state)
+    with HostReads() as reads:
+        one_step(nets, images, labels, accelerator, NonFiniteGuard(10))
+    assert reads.count == 0
+
+
+def test_a_nonfinite_update_is_skipped_whole_without_a_host_read(step_setup):
+    accelerator, nets, images, labels, modules, initial = step_setup
+    for module, state in zip(modules, initial):
+        module.load_state_dict(state)
+    one_step(nets, images, labels, accelerator, NonFiniteGuard(10))  # gives every optimizer a state
+    sit_before = {name: param.detach().clone() for name, param in nets.sit.named_parameters()}
+    opt_before = copy.deepcopy(nets.opt_sit.state_dict())
+    vae_before = nets.vae.encoder.conv_in.weight.detach().clone()
+    guard = NonFiniteGuard(10)
+    with HostReads() as reads:
+        one_step(nets, images, labels, accelerator, guard, proj_coeff=float("inf"))
+    assert reads.count == 0
+    assert all(torch.equal(sit_before[name], param) for name, param in nets.sit.named_parameters())
+    assert_same_state(opt_before, nets.opt_sit.state_dict(), "opt")  # moments and step count untouched
+    assert not torch.equal(vae_before, nets.vae.encoder.conv_in.weight)  # the VAE update went through
+    assert guard.skipped == 1

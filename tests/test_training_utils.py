@@ -13,6 +13,7 @@ from models.sit import SiT
 from utils.checkpoint import atomic_save, list_checkpoints, load_file, load_state_dict_strict, prune_checkpoints
 from utils.distributed import GlobalBatchNorm2d, convert_global_batchnorm
 from utils.ema import update_ema
+from utils.errors import UserError
 from utils.guard import NonFiniteGuard
 
 
@@ -26,7 +27,7 @@ def test_published_checkpoint_with_namespace_loads_weights_only(tmp_path):
 def test_unsafe_pickles_are_refused_with_the_file_named(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"obj": socket.AF_INET}, path)  # an arbitrary class, not allow-listed
-    with pytest.raises(RuntimeError, match="evil.pt"):
+    with pytest.raises(UserError, match="evil.pt"):
         load_file(path)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_file(tmp_path / "missing.pt")
@@ -71,20 +72,29 @@ def test_prune_keeps_newest(tmp_path):
     assert list_checkpoints(tmp_path) == [10, 15]
 
 
-def test_guard_skips_then_stops_on_a_run():
+def test_guard_counts_on_the_device_and_stops_on_a_run():
     guard = NonFiniteGuard(max_consecutive=2)
-    assert guard.is_finite("loss", torch.tensor(1.0), 2.0)
-    guard.end_step(1)
-    assert not guard.is_finite("loss", torch.tensor(float("nan")))
-    guard.end_step(2)
-    assert guard.is_finite("loss", torch.tensor(0.5))  # a good step resets the run
-    guard.end_step(3)
-    assert guard.consecutive == 0 and guard.skipped == 1
-    guard.is_finite("grad", float("inf"))
-    guard.end_step(4)
-    guard.is_finite("grad", float("inf"))
+    assert not guard.nonfinite("loss", torch.tensor(1.0), torch.tensor(2.0))
+    guard.end_step()
+    assert guard.nonfinite("loss", torch.tensor(float("nan")))
+    guard.end_step()
+    guard.nonfinite("loss", torch.tensor(0.5))  # a good step ends the run
+    guard.end_step()
+    guard.check(3)
+    assert guard.skipped == 1 and guard.state_dict() == {"skipped": 1, "consecutive": 0}
+    for _ in range(2):
+        guard.nonfinite("grad", torch.tensor(1.0), torch.tensor(float("inf")))
+        guard.end_step()
+    guard.nonfinite("loss", torch.tensor(0.5))
+    guard.end_step()  # the run of 2 ended before anyone looked: the check still sees it
     with pytest.raises(RuntimeError, match="2 consecutive steps"):
-        guard.end_step(5)
+        guard.check(6)
+    restored = NonFiniteGuard(max_consecutive=2)
+    restored.load_state_dict({"skipped": 3, "consecutive": 1})
+    restored.nonfinite("loss", torch.tensor(float("nan")))
+    restored.end_step()
+    with pytest.raises(RuntimeError, match="2 consecutive steps"):  # the run goes on across a resume
+        restored.check(7)
 
 
 def test_ema_averages_parameters_and_float_buffers():

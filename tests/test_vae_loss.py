@@ -164,3 +164,26 @@ def test_bad_config(fx):
         ReconstructionLoss_Single_Stage({"model": {"vq_model": {"quantize_mode": "vq"}}, "losses": losses})
     with pytest.raises(ValueError, match="reconstruction_loss"):
         ReconstructionLoss_Single_Stage({"losses": {**losses, "reconstruction_loss": "l3"}}, pretrained_lpips=False)
+
+
+def test_discriminator_warmup_trains_the_discriminator_first(fx, monkeypatch):
+    loss_fn = build(fx, discriminator_warmup=True)
+    monkeypatch.setattr(loss_fn, "discriminator_start", fx["global_step"] + 1)
+    posterior = Posterior(fx["posterior_moments"])
+    # before discriminator_start: no adversarial term in the VAE loss, but the discriminator's own loss is on
+    total, terms = loss_fn(fx["inputs"], fx["reconstructions"], posterior, fx["global_step"])
+    assert terms["discriminator_factor"] == 0 and terms["weighted_gan_loss"] == 0
+    torch.testing.assert_close(total, fx["generator_total"] - fx["generator_terms"]["weighted_gan_loss"], **TOL)
+    d_loss, _ = loss_fn(fx["inputs"], fx["reconstructions"], None, fx["global_step"], "discriminator")
+    torch.testing.assert_close(d_loss, fx["discriminator_total"], **TOL)
+    # from discriminator_start on: the published terms
+    total, terms = loss_fn(fx["inputs"], fx["reconstructions"], posterior, fx["global_step"] + 1)
+    torch.testing.assert_close(total, fx["generator_total"], **TOL)
+
+
+def test_scratch_disc_config_differs_from_the_published_only_in_the_start():
+    published = OmegaConf.to_container(OmegaConf.load(CONFIG_PATH))["losses"]
+    scratch = OmegaConf.to_container(OmegaConf.load(CONFIG_PATH.with_name("l1_lpips_kl_gan_scratch_disc.yaml")))
+    assert scratch["losses"].pop("discriminator_warmup") is True and scratch["losses"].pop("discriminator_start") > 0
+    published.pop("discriminator_start")
+    assert scratch["losses"] == published

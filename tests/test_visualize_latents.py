@@ -5,10 +5,11 @@ import torch
 from PIL import Image
 
 import visualize_latents
-from helpers import make_dataset, run_script
+from helpers import assert_user_error, make_dataset, run_script
 from models.autoencoder import vae_models
 from utils.data import ImageDataset
 from utils.diffusers_vae import export_diffusers_vae
+from utils.errors import report_user_errors
 from visualize_latents import HEADER_HEIGHT, latent_pictures, pca_rgb
 
 ARCH = "f8d4-tiny"
@@ -90,11 +91,22 @@ def test_visualize_latents_command(tmp_path, data_dir):
 def test_visualize_latents_bad_input_ends_with_one_line(tmp_path, data_dir, flags, message):
     argv = ["--vae", ARCH, "--vae-ckpt", "none", "--data-dir", str(data_dir), "--output", str(tmp_path / "x.png")]
     with pytest.raises(SystemExit) as exit_info:
-        visualize_latents.main(argv + flags)
+        report_user_errors(visualize_latents.main)(argv + flags)
     assert str(exit_info.value).startswith("error: " + message) and "\n" not in str(exit_info.value)
     assert not (tmp_path / "x.png").exists()
 
 
-def test_visualize_latents_missing_data(tmp_path):
-    with pytest.raises(SystemExit, match="images_h5.json not found; run preprocessing.py first"):
-        visualize_latents.main(["--vae", ARCH, "--vae-ckpt", "none", "--data-dir", str(tmp_path)])
+def test_visualize_latents_missing_or_truncated_data(tmp_path, data_dir):
+    with pytest.raises(SystemExit, match=r"--data-dir .*: holds no images\.h5 and no images_h5\.json; "
+                                         r"run preprocessing\.py --output-path"):
+        report_user_errors(visualize_latents.main)(["--vae", ARCH, "--vae-ckpt", "none", "--data-dir", str(tmp_path)])
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "images_h5.json").write_bytes((data_dir / "images_h5.json").read_bytes())
+    content = (data_dir / "images.h5").read_bytes()
+    (damaged / "images.h5").write_bytes(content[:len(content) // 2])  # a copy cut short
+    result = run_script("visualize_latents.py", "--vae", ARCH, "--vae-ckpt", "none", "--data-dir", damaged,
+                        "--output", tmp_path / "x.png", check=False)
+    assert_user_error(result, damaged / "images.h5", "damaged or truncated",
+                      f"preprocessing.py --output-path {damaged} --overwrite")
+    assert not (tmp_path / "x.png").exists()

@@ -1,28 +1,75 @@
 """Checkpoint I/O: weights-only loading, strict state-dict loading with clear errors, atomic saves."""
 import argparse
+import pickle
+import re
+import shutil
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from utils.files import atomic_write
+from utils.errors import UserError
+from utils.files import TEMPORARY_NAME, atomic_write
 
 # Training checkpoints store their argparse.Namespace under "args"; weights-only loading allows exactly that class.
 CHECKPOINT_GLOBALS = [argparse.Namespace]
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format
+PICKLE_MAGIC = b"\x80"  # torch.save's legacy format: a pickle (protocol 2+)
+# How the error messages name what a module expects (by class name; models/ must not be imported here).
+MODULE_KINDS = {"AutoencoderKL": "VAE", "NLayerDiscriminator": "discriminator", "VisionTransformer": "encoder"}
 
 
-def load_file(path, map_location="cpu"):
-    """Load a .pt/.pth (weights_only) or .safetensors file; errors name the file."""
+def load_file(path, map_location="cpu", mmap=False):
+    """Load a .pt/.pth (weights_only) or .safetensors file; an unreadable one raises UserError naming it.
+
+    mmap=True maps the tensors of a torch zip file instead of reading them (a cheap readability check of a
+    multi-GB file); it is ignored for .safetensors and legacy (pickle) files.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, map_location)
+    with open(path, "rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    zipped = head == ZIP_MAGIC
+    if not zipped and not head.startswith(PICKLE_MAGIC):
+        raise UserError(f"{path} is not a PyTorch or safetensors checkpoint (neither a zip nor a pickle file): "
+                        "pass a .pt/.pth file written by torch.save or a .safetensors file")
+    if zipped and not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint {path} is damaged or truncated (its zip directory is missing): "
+                        "write it again, or pass another checkpoint")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file as load_safetensors
-            return load_safetensors(str(path), device=str(map_location))
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise RuntimeError(f"could not read checkpoint {path}: {error}") from error
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipped)
+    except pickle.UnpicklingError as error:
+        raise UserError(f"checkpoint {path} holds objects that weights-only loading refuses ({_reason(error)}): "
+                        "pass a file of tensors (a state dict) or a checkpoint written by this project") from error
+    except Exception as error:  # torch raises RuntimeError, KeyError, EOFError, ... for damaged files
+        raise UserError(f"could not read checkpoint {path}: {_reason(error)}; "
+                        "it is damaged, truncated or not a PyTorch checkpoint") from error
+
+
+def _load_safetensors(path, map_location):
+    """safetensors' load_file; a damaged or foreign file raises UserError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load_safetensors
+
+    try:
+        return load_safetensors(str(path), device=str(map_location))
+    except SafetensorError as error:
+        raise UserError(f"{path} is not a readable safetensors file ({_reason(error)}): pass a .safetensors file "
+                        "written by safetensors, or a .pt/.pth file written by torch.save") from error
+
+
+def _reason(error):
+    """The informative part of a library's error message (torch's run over several lines)."""
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if refused:
+        return refused[1]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def describe_mismatch(module, state_dict):
@@ -44,11 +91,31 @@ def _short(keys, limit=8):
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def check_state_dict(state_dict, source, kind="model"):
+    """Raise UserError unless state_dict is a mapping of names to tensors; the message says what source holds."""
+    if isinstance(state_dict, Mapping):
+        odd = [k for k, v in state_dict.items() if not torch.is_tensor(v) and not str(k).endswith("_extra_state")]
+        if not odd:
+            return state_dict
+        keys = _short([str(k) for k in state_dict])
+        if "ema" in state_dict and "vae" in state_dict:
+            fix = ": extract it with save_vae_weights.py" if kind in ("VAE", "discriminator") else ""
+            raise UserError(f"{source} holds a REPA-E training checkpoint (keys {keys}), not a {kind} state dict{fix}")
+        if "ema" in state_dict:
+            raise UserError(f"{source} holds a training checkpoint (keys {keys}), not a {kind} state dict")
+        raise UserError(f"{source} holds a dict whose entries {_short([str(k) for k in odd])} are no tensors "
+                        f"(keys {keys}), not a {kind} state dict")
+    raise UserError(f"{source} holds a {type(state_dict).__name__}, not a {kind} state dict")
+
+
 def load_state_dict_strict(module, state_dict, source):
-    """Load state_dict into module strictly; on mismatch raise ValueError naming source and the differences."""
+    """Load state_dict into module strictly; anything else raises UserError naming source and the differences."""
+    name = type(module).__name__
+    check_state_dict(state_dict, source, MODULE_KINDS.get(name, name))
     missing, unexpected, mismatch = describe_mismatch(module, state_dict)
     if missing or unexpected or mismatch:
-        lines = [f"{source} does not fit {type(module).__name__}:"]
+        lines = [f"{source} does not fit {name}: check the model flags (e.g. --model, --vae, --enc-type) "
+                 "against the checkpoint"]
         if missing:
             lines.append(f"  missing keys: {_short(missing)}")
         if unexpected:
@@ -56,7 +123,7 @@ def load_state_dict_strict(module, state_dict, source):
         if mismatch:
             key, got, want = mismatch
             lines.append(f"  first shape mismatch: {key}: file has {got}, model expects {want}")
-        raise ValueError("\n".join(lines))
+        raise UserError("\n".join(lines))
     module.load_state_dict(state_dict, strict=True)
     return module
 
@@ -79,6 +146,40 @@ def list_checkpoints(exp_dir):
     if not folder.is_dir():
         return []
     return sorted(int(p.stem) for p in folder.glob("*.pt") if p.stem.isdigit() and len(p.stem) == 7)
+
+
+def newest_readable_checkpoint(exp_dir):
+    """(newest checkpoint of EXP/checkpoints that loads, or None; [(path, reason)] of the newer ones that do not)."""
+    unreadable = []
+    for step in reversed(list_checkpoints(exp_dir)):
+        path = checkpoint_file(exp_dir, step)
+        try:
+            load_file(path, mmap=True)  # maps the tensors: a damaged file fails, a big one costs no reading
+        except (UserError, OSError) as error:
+            unreadable.append((path, str(error)))
+            continue
+        return path, unreadable
+    return None, unreadable
+
+
+def remove_stale_temporaries(folder):
+    """Remove what atomic_write leaves in folder when its process is killed mid-write (.NAME.XXXXXXXX.tmp).
+
+    Call it only while no other process writes there: their temporaries have the same names. Returns the paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if not TEMPORARY_NAME.fullmatch(path.name):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path)
+    return removed
 
 
 def prune_checkpoints(exp_dir, keep_last):

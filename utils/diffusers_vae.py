@@ -11,11 +11,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.autoencoder import AutoencoderKL, vae_arch_of
+from models.autoencoder import DIFFUSERS_VAE, AutoencoderKL, DiffusersAutoencoder, vae_arch_of
 from utils.checkpoint import atomic_save, load_file, load_state_dict_strict
+from utils.errors import UserError
 from utils.files import atomic_write
 from utils.hub import DIFFUSERS_CONFIG, DIFFUSERS_STATS, DIFFUSERS_WEIGHTS
-from utils.latents import diffusers_config_from_stats, stats_from_diffusers_config
+from utils.latents import (
+    check_latents_stats,
+    diffusers_config_from_stats,
+    stats_from_diffusers_config,
+    stats_from_diffusers_scaling,
+)
 
 # The LDM convention places attention by feature-map size for a 256-px input (attn_resolutions).
 RESOLUTION = 256
@@ -140,19 +146,21 @@ def is_diffusers_vae_folder(path):
 
 
 def _our_model_for(config, folder):
-    """Build our AutoencoderKL with the layout a diffusers config describes, or raise ValueError."""
+    """Build our AutoencoderKL with the layout a diffusers config describes, or raise UserError."""
     expected = {"in_channels": 3, "out_channels": 3, "act_fn": "silu", "norm_num_groups": 32,
                 "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
     for name, value in expected.items():
         if config.get(name, value) != value:
-            raise ValueError(f"{folder}: unsupported diffusers VAE config {name}={config[name]!r}, need {value!r}")
+            raise UserError(f"{folder}: diffusers VAE config {name}={config[name]!r} is not one of our layouts (need "
+                            f"{value!r}): pass --vae {DIFFUSERS_VAE}, which takes any AutoencoderKL folder")
     widths = list(config["block_out_channels"])
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
     attn_levels = [i for i, kind in enumerate(down) if kind == "AttnDownEncoderBlock2D"]
     mirrored = ["AttnUpDecoderBlock2D" if i in attn_levels else "UpDecoderBlock2D" for i in reversed(range(len(down)))]
     known = {"DownEncoderBlock2D", "AttnDownEncoderBlock2D"}
     if set(down) - known or up != mirrored or len(widths) != len(down) or any(w % widths[0] for w in widths):
-        raise ValueError(f"{folder}: unsupported diffusers VAE layout down={down} up={up} widths={widths}")
+        raise UserError(f"{folder}: diffusers VAE layout down={down} up={up} widths={widths} is not one of our "
+                        f"layouts: pass --vae {DIFFUSERS_VAE}, which takes any AutoencoderKL folder")
     return AutoencoderKL(
         embed_dim=config["latent_channels"],
         ch_mult=tuple(w // widths[0] for w in widths),
@@ -166,7 +174,7 @@ def _our_model_for(config, folder):
 def _latents_stats(folder, config, channels):
     """latents_stats.pt if present, else from the (defaults-filled) config's latents_mean/std; None if neither."""
     if (folder / DIFFUSERS_STATS).is_file():
-        return load_file(folder / DIFFUSERS_STATS)
+        return check_latents_stats(load_file(folder / DIFFUSERS_STATS), folder / DIFFUSERS_STATS)
     return stats_from_diffusers_config(config, channels)
 
 
@@ -176,7 +184,7 @@ def load_diffusers_vae_folder(folder):
 
     folder = Path(folder)
     if not is_diffusers_vae_folder(folder):
-        raise ValueError(f"{folder} is not a diffusers AutoencoderKL folder ({DIFFUSERS_CONFIG} + weights "
+        raise UserError(f"{folder} is not a diffusers AutoencoderKL folder ({DIFFUSERS_CONFIG} + weights "
                          f"{DIFFUSERS_WEIGHTS})")
     config = json.loads((folder / DIFFUSERS_CONFIG).read_text())
     with torch.device("meta"):  # every tensor is loaded below, so skip the random init
@@ -186,3 +194,48 @@ def load_diffusers_vae_folder(folder):
     reference = diffusers.AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
     load_state_dict_strict(vae, from_diffusers_state_dict(vae, reference.state_dict()), str(folder))
     return vae.eval(), vae_arch_of(vae.state_dict()), _latents_stats(folder, reference.config, vae.latent_channels)
+
+
+def read_diffusers_config(folder):
+    """The config.json of a diffusers AutoencoderKL folder as written (not defaults-filled)."""
+    return json.loads((Path(folder) / DIFFUSERS_CONFIG).read_text())
+
+
+def empty_diffusers_autoencoder(config, device="cpu"):
+    """DiffusersAutoencoder of a diffusers AutoencoderKL config on device, uninitialised: a strict load fills it."""
+    import diffusers
+
+    with torch.device("meta"):  # seconds saved on large VAEs: every tensor is loaded afterwards
+        vae = DiffusersAutoencoder(diffusers.AutoencoderKL.from_config(config))
+    return vae.to_empty(device=device)
+
+
+def load_diffusers_autoencoder(folder):
+    """Diffusers AutoencoderKL folder of any layout -> (DiffusersAutoencoder in float32 and eval mode, stats or None).
+
+    Statistics: the folder's latents_stats.pt, else its config's latents_mean/latents_std, else its
+    shift_factor/scaling_factor (stats_from_diffusers_scaling); None if it records none.
+    """
+    import diffusers
+
+    folder = Path(folder)
+    model = diffusers.AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
+    vae = DiffusersAutoencoder(model).eval()
+    if (folder / DIFFUSERS_STATS).is_file():
+        return vae, check_latents_stats(load_file(folder / DIFFUSERS_STATS), folder / DIFFUSERS_STATS)
+    return vae, stats_from_diffusers_scaling(read_diffusers_config(folder), vae.latent_channels)
+
+
+def export_diffusers_autoencoder(vae_state, vae_config, out_dir, latents_stats, source):
+    """Write the weights of a DiffusersAutoencoder as a diffusers AutoencoderKL folder of its own config.
+
+    The config is vae_config unchanged (layout, scaling_factor, shift_factor) except latents_mean/latents_std, which
+    record latents_stats in diffusers' convention with the config's scaling_factor (diffusers_config_from_stats);
+    latents_stats.pt beside the weights holds them exactly. source names vae_state in errors.
+    """
+    config = {**vae_config, **diffusers_config_from_stats(latents_stats, vae_config.get("scaling_factor", 1.0))}
+    vae = load_state_dict_strict(empty_diffusers_autoencoder(config), vae_state, source)
+    out_dir = Path(out_dir)
+    vae.diffusers_model.save_pretrained(out_dir, safe_serialization=True)
+    atomic_save({k: v.detach().cpu() for k, v in latents_stats.items()}, out_dir / DIFFUSERS_STATS)
+    return out_dir

@@ -13,6 +13,7 @@ import os
 import re
 import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import huggingface_hub
@@ -21,6 +22,7 @@ from timm.models import get_pretrained_cfg
 
 from models.encoders import TIMM_ARCHS, build_encoder, parse_encoder_name, to_timm_state_dict
 from utils.checkpoint import load_file, load_state_dict_strict
+from utils.errors import UserError
 from utils.hub import hub_offline, resolve_weights
 
 # timm pretrained tag of the official weights (its config names the official URL and the HF hub copy).
@@ -32,25 +34,39 @@ CKPTS_FILES = {"mocov3": "mocov3_vit{}.pth", "dinov1": "dinov1_vit{}.pth", "mae"
 HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 
 
-def load_encoders(enc_type, device, resolution=256, ckpt=None, random_init=False):
-    """Frozen eval-mode encoders for a comma-separated enc_type -> (encoders, encoder_types, architectures)."""
+def load_encoders(enc_type, device, resolution=256, ckpt=None, random_init=False, allow_torchscript=False):
+    """Frozen eval-mode encoders for a comma-separated enc_type -> (encoders, encoder_types, architectures).
+
+    allow_torchscript lets weights come from a TorchScript archive (the CLIP file), whose loading runs its code.
+    """
     if resolution % 16:
-        raise ValueError(f"resolution must be a multiple of 16, got {resolution}")
+        raise UserError(f"--resolution must be a multiple of 16 for the encoders, got {resolution}")
     names = enc_type.split(",")
     ckpts = _split_ckpts(ckpt or os.environ.get("REPAE_ENCODER_CKPT"), len(names))
+    parsed = [_parse_name(name) for name in names]  # every name and file checked before anything is built
+    paths = [None if random_init else find_weights(name, path) for name, path in zip(names, ckpts)]
+    for path in paths:
+        if path is not None:
+            _check_torchscript(path, allow_torchscript)
     encoders, encoder_types, architectures = [], [], []
-    for name, path in zip(names, ckpts):
-        encoder_type, architecture, model_config, family = parse_encoder_name(name)
-        path = None if random_init else find_weights(name, path)
+    for name, path, (encoder_type, architecture, model_config, family) in zip(names, paths, parsed):
         encoder = build_encoder(family, model_config, resolution, device)
         if random_init:
             warnings.warn(f"encoder {name}: random weights (random_init=True); its features are meaningless")
         else:
-            load_weights(encoder, family, path)
+            load_weights(encoder, family, path, allow_torchscript)
         encoders.append(encoder.requires_grad_(False).eval())
         encoder_types.append(encoder_type)
         architectures.append(architecture)
     return encoders, encoder_types, architectures
+
+
+def _parse_name(name):
+    """parse_encoder_name, its error as a UserError naming --enc-type."""
+    try:
+        return parse_encoder_name(name)
+    except ValueError as error:
+        raise UserError(f"--enc-type: {error}") from None
 
 
 def _split_ckpts(ckpt, count):
@@ -59,7 +75,8 @@ def _split_ckpts(ckpt, count):
         return [None] * count
     paths = [p.strip() or None for p in str(ckpt).split(",")]
     if len(paths) != count:
-        raise ValueError(f"{len(paths)} encoder checkpoint paths given ({ckpt!r}) for {count} encoders")
+        raise UserError(f"{len(paths)} encoder checkpoint paths given ({ckpt!r}; --enc-ckpt or REPAE_ENCODER_CKPT) "
+                        f"for {count} encoders (--enc-type): give one per encoder, comma-separated")
     return paths
 
 
@@ -145,18 +162,41 @@ def _hf_hub_file(name):
     return None
 
 
-def read_weights(path):
-    """State dict (possibly wrapped, as released) from a .pt/.pth/.safetensors file or a TorchScript archive (CLIP)."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            scripted = any(n.endswith("constants.pkl") for n in archive.namelist())
-        if scripted:
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
+def is_torchscript(path):
+    """True if path is a TorchScript archive (torch.jit.save): a zip file with constants.pkl."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") for name in archive.namelist())
+
+
+def _check_torchscript(path, allow_torchscript):
+    """True if path is a TorchScript archive; UserError if it is one and not allowed (loading it runs its code)."""
+    if not is_torchscript(path):
+        return False
+    if not allow_torchscript:
+        raise UserError(
+            f"encoder weights {path} are a TorchScript archive: loading it runs code stored in the file. If you "
+            "trust the file, pass --enc-allow-torchscript; or convert it once to a state dict, "
+            f"torch.save(torch.jit.load('{path}').state_dict(), 'encoder.pt'), and pass that file")
+    return True
+
+
+def read_weights(path, allow_torchscript=False):
+    """State dict (possibly wrapped, as released) from a .pt/.pth/.safetensors file or a TorchScript archive (CLIP).
+
+    A TorchScript archive is refused unless allow_torchscript: torch.jit.load runs code stored in the file.
+    """
+    if _check_torchscript(path, allow_torchscript):
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
     return load_file(path)
 
 
-def load_weights(encoder, family, path):
+def load_weights(encoder, family, path, allow_torchscript=False):
     """Load official-format or timm-format weights into an encoder built by build_encoder (strict)."""
-    state_dict = to_timm_state_dict(dict(read_weights(path)), family, encoder)
+    weights = read_weights(path, allow_torchscript)
+    if not isinstance(weights, Mapping):
+        raise UserError(f"encoder weights {path} hold a {type(weights).__name__}, not a state dict")
+    state_dict = to_timm_state_dict(dict(weights), family, encoder)
     load_state_dict_strict(encoder, state_dict, source=f"encoder weights {path}")
     return encoder

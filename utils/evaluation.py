@@ -31,6 +31,8 @@ import torch
 from scipy import linalg
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
+from utils.errors import UserError
+
 INCEPTION_URL = URL_INCEPTION_V3
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
 INCEPTION_ENV = "REPAE_INCEPTION_WEIGHTS"
@@ -100,7 +102,8 @@ def manifold_radii(features, k=3, batch_size=DISTANCE_BATCH_SIZE, device="cpu"):
     """(N,) float32 squared distance of each feature to its k-th nearest neighbour, itself counting as the 0-th."""
     features = _as_tensor(features, device)
     if len(features) <= k:
-        raise ValueError(f"the manifold estimator needs more than k={k} features, got {len(features)}")
+        raise UserError(f"precision and recall need more than k={k} images per batch, got {len(features)}: "
+                        "score more images")
     radii = np.zeros(len(features), dtype=np.float32)
     for start in range(0, len(features), batch_size):
         rows = features[start:start + batch_size]
@@ -163,7 +166,7 @@ class InceptionV3(FeatureExtractorInceptionV3):
             try:
                 self.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
             except Exception as error:
-                raise ValueError(f"{weights_path} is no {INCEPTION_FILE}: {str(error).splitlines()[0]}") from None
+                raise UserError(f"{weights_path} is no {INCEPTION_FILE}: {str(error).splitlines()[0]}") from None
         self._spatial = None
         self.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 
@@ -197,20 +200,20 @@ def load_vaes(arch, ckpts, image_size, seed=0):
 
     Errors name the --vae-ckpt in one line; 'none' gives a random VAE seeded with `seed`.
     """
-    from models.autoencoder import vae_models
+    from models.autoencoder import vae_names
     from utils.latents import load_vae
 
-    if arch not in vae_models:
-        raise ValueError(f"--vae {arch} is unknown; known: {', '.join(vae_models)}")
+    if arch not in vae_names:
+        raise UserError(f"--vae {arch} is unknown; known: {', '.join(vae_names)}")
     vaes = {}
     for ckpt in ckpts:
         torch.manual_seed(seed)
         try:
             vae, _ = load_vae(arch, ckpt, require_stats=False)
-        except (FileNotFoundError, ValueError, RuntimeError) as error:  # missing, unreadable or another layout
-            raise ValueError(f"--vae-ckpt {ckpt}: {' '.join(str(error).split())}") from None
+        except (UserError, OSError) as error:  # missing, unreadable or another layout
+            raise UserError(f"--vae-ckpt {ckpt}: {' '.join(str(error).split())}") from None
         if any(side % vae.downsample_factor for side in image_size):
-            raise ValueError(f"images of {image_size[0]}x{image_size[1]} pixels do not fit --vae {arch}: its "
+            raise UserError(f"images of {image_size[0]}x{image_size[1]} pixels do not fit --vae {arch}: its "
                              f"downsampling factor {vae.downsample_factor} must divide both sides")
         vaes[ckpt] = vae.eval()
     return vaes
@@ -241,16 +244,16 @@ class NpzImages:
             with zipfile.ZipFile(self.path) as archive:
                 names = [name.removesuffix(".npy") for name in archive.namelist()]
                 if key not in names:
-                    raise ValueError(f"{path} has no '{key}' array (it holds {', '.join(names) or 'nothing'}): "
+                    raise UserError(f"{path} has no '{key}' array (it holds {', '.join(names) or 'nothing'}): "
                                      "expected an .npz with uint8 images under arr_0, as generate.py writes")
                 info = archive.getinfo(f"{key}.npy")
                 with archive.open(info) as member:
                     self.shape, dtype = self._read_header(member)
                     header_size = member.tell()
         except zipfile.BadZipFile:
-            raise ValueError(f"{path} is no .npz file") from None
+            raise UserError(f"{path} is no .npz file") from None
         if dtype != np.uint8 or len(self.shape) != 4 or self.shape[-1] != 3:
-            raise ValueError(f"{path}: '{key}' is {dtype} {self.shape}; expected uint8 images (N, H, W, 3)")
+            raise UserError(f"{path}: '{key}' is {dtype} {self.shape}; expected uint8 images (N, H, W, 3)")
         self.memmap = None
         if info.compress_type == zipfile.ZIP_STORED:
             self.memmap = np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.shape,
@@ -261,10 +264,10 @@ class NpzImages:
         version = np.lib.format.read_magic(member)
         read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         if version not in read_header:
-            raise ValueError(f"{self.path}: unsupported .npy format version {version} for '{self.key}'")
+            raise UserError(f"{self.path}: unsupported .npy format version {version} for '{self.key}'")
         shape, fortran_order, dtype = read_header[version](member)
         if fortran_order:
-            raise ValueError(f"{self.path}: '{self.key}' is Fortran-ordered; save it with np.savez from a C array")
+            raise UserError(f"{self.path}: '{self.key}' is Fortran-ordered; save it with np.savez from a C array")
         return shape, dtype
 
     def _data_offset(self, info):

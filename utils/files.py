@@ -1,9 +1,13 @@
 """All-or-nothing file writes: a crash or an error never leaves a partial output under its final name."""
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+# The names atomic_write gives its temporaries: .NAME.XXXXXXXX.tmp (tempfile's random lowercase characters).
+TEMPORARY_NAME = re.compile(r"\..+\.[a-z0-9_]+\.tmp")
 
 
 def current_umask():

@@ -6,6 +6,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
+from utils.errors import UserError
+
 # A hub id where a checkpoint path is taken: hf://OWNER/NAME[@REVISION][/PATH/IN/REPO], or a bare OWNER/NAME that is
 # no local path. Without a file the repo's default below is meant.
 HUB_PREFIX = "hf://"
@@ -46,7 +48,7 @@ def parse_hub_spec(spec):
     if spec.startswith(HUB_PREFIX):
         match = HUB_SPEC.fullmatch(spec[len(HUB_PREFIX):])
         if match is None:
-            raise ValueError(f"{spec} is no hub id: write hf://OWNER/NAME[@REVISION][/FILE]")
+            raise UserError(f"{spec} is no hub id: write hf://OWNER/NAME[@REVISION][/FILE]")
         return match["repo"], match["file"], match["revision"]
     # a bare OWNER/NAME.pt is a missing local file, never a repo
     if BARE_REPO.fullmatch(spec) and not spec.endswith(WEIGHT_SUFFIXES):
@@ -105,7 +107,7 @@ def default_hub_file(repo_id, revision=None):
         return DIFFUSERS
     weights = [f for f in files if f.endswith(WEIGHT_SUFFIXES) and not f.endswith((STATS_SUFFIX, DISCRIMINATOR_SUFFIX))]
     if len(weights) != 1:
-        raise ValueError(f"hub repo {repo_id} holds {len(weights)} weights files ({', '.join(weights) or 'none'}): "
+        raise UserError(f"hub repo {repo_id} holds {len(weights)} weights files ({', '.join(weights) or 'none'}): "
                          f"name one as {HUB_PREFIX}{repo_id}/FILE")
     return weights[0]
 

@@ -10,14 +10,18 @@ from torchvision.utils import make_grid
 
 
 def create_logger(exp_dir, is_main):
-    """Logger writing to stdout and EXP/log.txt on the main process; silent elsewhere."""
+    """Logger writing to stdout and EXP/log.txt (stdout only when exp_dir is None) on the main process; silent
+    elsewhere."""
     logger = logging.getLogger("repae")
     logger.handlers.clear()
     logger.propagate = False
     if is_main:
         logger.setLevel(logging.INFO)
         formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(), logging.FileHandler(Path(exp_dir) / "log.txt")):
+        handlers = [logging.StreamHandler()]
+        if exp_dir is not None:
+            handlers.append(logging.FileHandler(Path(exp_dir) / "log.txt"))
+        for handler in handlers:
             handler.setFormatter(formatter)
             logger.addHandler(handler)
     else:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, extract_model_from_parallel
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -21,11 +22,16 @@ from utils.checkpoint import (
     list_checkpoints,
     load_file,
     load_state_dict_strict,
+    newest_readable_checkpoint,
     prune_checkpoints,
+    remove_stale_temporaries,
     restore_rng_state,
 )
+from utils.cli import check_training_args
 from utils.data import ResumableDistributedSampler
-from utils.distributed import all_gather_objects, convert_global_batchnorm
+from utils.distributed import all_gather_objects, convert_global_batchnorm, on_main_process
+from utils.errors import UserError
+from utils.files import atomic_write
 from utils.guard import NonFiniteGuard
 from utils.latents import denormalize_latents, stats_from_batchnorm
 from utils.samplers import euler_sampler
@@ -42,18 +48,65 @@ def configure_torch(*, allow_tf32, compile):
         torch._dynamo.config.accumulated_cache_size_limit = 512
 
 
-def make_accelerator(*, mixed_precision, gradient_accumulation_steps, report_to, output_dir, logging_dir):
-    """Accelerator with the run's precision, accumulation and trackers; fp16 falls back to fp32 without CUDA."""
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
-        warnings.warn("--mixed-precision fp16 needs CUDA; running in float32 (use bf16 for CPU autocast)")
-        mixed_precision = "no"
-    project = ProjectConfiguration(project_dir=output_dir, logging_dir=str(Path(output_dir, logging_dir)))
-    return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
-                       log_with=tracker_names(report_to), project_config=project)
+def make_accelerator(*, mixed_precision, gradient_accumulation_steps, report_to, logging_dir):
+    """Accelerator with the run's precision, accumulation and trackers (their files under logging_dir).
+
+    accelerate runs fp16 only on GPUs; on a CPU this enables the same path itself (float16 autocast and a gradient
+    scaler), so that it can be run and tested without a GPU.
+    """
+    accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
+                              log_with=tracker_names(report_to),
+                              project_config=ProjectConfiguration(logging_dir=str(logging_dir)))
+    if mixed_precision == "fp16" and accelerator.scaler is None:
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
+    return accelerator
+
+
+def start_run(args):
+    """What every training run does first, writing nothing: check the flags, set torch up, make the accelerator
+    (trackers under OUTPUT_DIR/LOGGING_DIR/EXP_NAME) and find the checkpoint to resume from (decided on process 0).
+    Returns (accelerator, exp_dir, resume_path or None)."""
+    check_training_args(args)
+    configure_torch(allow_tf32=args.allow_tf32, compile=args.compile)
+    exp_dir = Path(args.output_dir) / args.exp_name
+    accelerator = make_accelerator(mixed_precision=args.mixed_precision,
+                                   gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                   report_to=args.report_to, logging_dir=Path(args.output_dir, args.logging_dir,
+                                                                              args.exp_name))
+    resume_path = on_main_process(lambda: find_resume_checkpoint(
+        exp_dir, resume_step=args.resume_step, continue_train_exp_dir=args.continue_train_exp_dir,
+        resume_latest=args.resume_latest))
+    return accelerator, exp_dir, resume_path
+
+
+def check_dataset(dataset, *, resolution, global_batch_size, num_processes):
+    """The images fit --resolution and the batch fits the processes and the dataset; UserError otherwise."""
+    if global_batch_size % num_processes:
+        raise UserError(f"--batch-size {global_batch_size} is not divisible by the {num_processes} processes: "
+                        f"pass a multiple of {num_processes}")
+    if len(dataset) < global_batch_size:
+        raise UserError(f"--batch-size {global_batch_size} is larger than the {len(dataset)} images in "
+                        f"{dataset.data_dir}")
+    height, width = dataset.image_size
+    if (height, width) != (resolution, resolution):
+        raise UserError(f"--resolution {resolution} does not match the {height}x{width} images in {dataset.data_dir}: "
+                        f"pass --resolution {height} or run preprocessing.py with --resolution {resolution}")
+
+
+def load_loss_config(path, flag):
+    """The VAE regularizer's config (an OmegaConf YAML file with a `losses` section); UserError if it is not one."""
+    try:
+        config = OmegaConf.load(path)
+    except Exception as error:  # YAML syntax, unreadable file: all the user's to fix
+        raise UserError(f"{flag} {path}: not a readable YAML file ({str(error).splitlines()[0]})") from error
+    if "losses" not in config:
+        raise UserError(f"{flag} {path}: no `losses` section; start from configs/l1_lpips_kl_gan.yaml")
+    return config
 
 
 def find_resume_checkpoint(exp_dir, *, resume_step, continue_train_exp_dir, resume_latest):
-    """Checkpoint to resume from (--resume-step or --resume-latest), or None for a fresh run.
+    """Checkpoint to resume from (--resume-step, or the newest readable one with --resume-latest), or None.
 
     A fresh run refuses to start in an experiment folder that already holds checkpoints, so none is overwritten.
     """
@@ -62,13 +115,15 @@ def find_resume_checkpoint(exp_dir, *, resume_step, continue_train_exp_dir, resu
     if resume_step > 0:
         path = checkpoint_file(source_dir, resume_step)
         if not path.is_file():
-            raise FileNotFoundError(f"--resume-step {resume_step}: {path} does not exist")
+            raise UserError(f"--resume-step {resume_step}: {path} does not exist")
         return path
-    steps = list_checkpoints(source_dir)
     if resume_latest:
-        return checkpoint_file(source_dir, steps[-1]) if steps else None
+        path, unreadable = newest_readable_checkpoint(source_dir)
+        for skipped, reason in unreadable:
+            warnings.warn(f"--resume-latest: skipping unreadable checkpoint {skipped} ({reason})")
+        return path
     if list_checkpoints(exp_dir):
-        raise FileExistsError(
+        raise UserError(
             f"{exp_dir} already holds checkpoints (up to step {list_checkpoints(exp_dir)[-1]}); pass --resume-latest "
             f"to continue that run or choose another --exp-name")
     return None
@@ -129,18 +184,26 @@ def encoder_features(encoders, encoder_types, raw_image, accelerator):
                 for encoder, enc_type in zip(encoders, encoder_types)]
 
 
+def make_adamw(params, *, lr, betas, weight_decay, eps):
+    """Fused AdamW: one kernel per update, and it obeys the guard's device-side verdict (see guarded_update)."""
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, fused=True)
+
+
 def guarded_update(accelerator, loss, parameters, optimizer, guard, name, max_grad_norm):
     """Backward; on an optimization step, clip and step unless the loss or gradient norm is non-finite.
 
-    Returns the gradient norm (None while accumulating). Under fp16 the gradient scaler skips non-finite steps
-    itself (and lowers its scale), so the optimizer is always called then.
+    Returns the gradient norm (None while accumulating). The verdict stays on the device: the fused optimizer
+    skips the whole update (weights, moments and step count) when its `found_inf` is set, the way torch's gradient
+    scaler drives it; under fp16 the scaler sets it itself (and lowers its scale).
     """
     accelerator.backward(loss)
     if not accelerator.sync_gradients:
         return None
     grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
-    if guard.is_finite(name, loss, grad_norm) or accelerator.scaler is not None:
-        optimizer.step()
+    nonfinite = guard.nonfinite(name, loss, grad_norm)
+    if accelerator.scaler is None:
+        getattr(optimizer, "optimizer", optimizer).found_inf = nonfinite.float()
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
@@ -179,32 +242,49 @@ def main_losses(logs, keys=("sit_loss", "denoising_loss", "proj_loss", "vae_loss
 
 
 class TrainingRun:
-    """One run's bookkeeping, the same for both trainers: EXP = output_dir/exp_name with args.json and log.txt,
+    """One run's bookkeeping, the same for both trainers: EXP = output_dir/exp_name with its args and log.txt,
     trackers, the step counter and data position, the non-finite guard, checkpoints and sample grids.
 
-    Every process makes one (process 0 writes) and calls each method at the same point of the loop.
+    Every process makes one and calls each method at the same point of the loop (process 0 writes). Nothing is
+    written before `open`, so a run refused by its checks (or by `resume`) leaves no trace.
     """
 
-    def __init__(self, accelerator, exp_dir, *, config, project, local_batch_size, max_train_steps,
-                 max_nonfinite_steps):
+    def __init__(self, accelerator, exp_dir, *, config, local_batch_size, max_train_steps, max_nonfinite_steps):
         self.accelerator = accelerator
         self.exp_dir = Path(exp_dir)
-        self.config = config  # the run's flags, written to args.json and into every checkpoint ("args")
+        self.config = config  # the run's flags, written to EXP and into every checkpoint ("args")
         self.data_layout = [accelerator.num_processes, local_batch_size]
         self.max_train_steps = max_train_steps
-        if accelerator.is_main_process:
-            (self.exp_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            with open(self.exp_dir / "args.json", "w") as handle:
-                json.dump(vars(config), handle, indent=4)
-        accelerator.wait_for_everyone()
-        self.logger = create_logger(self.exp_dir, accelerator.is_main_process)
-        self.logger.info(f"Experiment directory: {self.exp_dir}")
-        accelerator.init_trackers(project, config=vars(copy.deepcopy(config)),
-                                  init_kwargs={"wandb": {"name": config.exp_name}})
+        self.logger = create_logger(None, accelerator.is_main_process)  # the console until open()
         self.guard = NonFiniteGuard(max_nonfinite_steps, self.logger)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.resumed_from = None
+        self.window, self.window_steps = {}, 0  # metrics summed on the device since the last log
         self.last_logs = {}
         self.progress_bar = None
+
+    def open(self, project):
+        """Create EXP: args.json for a new run (a resumed one keeps it and adds args-resume-STEP.json), log.txt,
+        trackers; delete temporary files that killed checkpoint writes left behind."""
+        if self.accelerator.is_main_process:
+            checkpoints = self.exp_dir / "checkpoints"
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            args_file = self.exp_dir / "args.json"
+            if self.resumed_from is not None and args_file.is_file():
+                args_file = self.exp_dir / f"args-resume-{self.step:07d}.json"
+            with atomic_write(args_file) as tmp:
+                tmp.write_text(json.dumps(vars(self.config), indent=4))
+            stale = remove_stale_temporaries(checkpoints)
+        self.accelerator.wait_for_everyone()
+        self.logger = create_logger(self.exp_dir, self.accelerator.is_main_process)
+        self.guard.logger = self.logger
+        self.logger.info(f"Experiment directory: {self.exp_dir}")
+        if self.accelerator.is_main_process and stale:
+            self.logger.info(f"Deleted {len(stale)} temporary files of interrupted checkpoint writes")
+        if self.resumed_from is not None:
+            self.logger.info(f"Resumed from {self.resumed_from} at step {self.step}")
+        self.accelerator.init_trackers(project, config=vars(copy.deepcopy(self.config)),
+                                       init_kwargs={"wandb": {"name": self.config.exp_name}})
 
     def batches(self, loader, sampler, epochs):
         """The run's batches from its data position on, until max_train_steps steps or `epochs` epochs are done."""
@@ -219,15 +299,22 @@ class TrainingRun:
                 self.epoch, self.batch_in_epoch = epoch, index + 1
                 yield batch
 
-    def end_step(self):
-        """Count a finished optimization step; the guard stops the run after too many non-finite steps in a row."""
+    def end_step(self, logs):
+        """Count a finished optimization step and add its metrics to the logging window, on the device."""
         self.step += 1
-        self.guard.end_step(self.step)
+        self.guard.end_step()
+        for name, value in logs.items():
+            if value is not None:
+                self.window[name] = self.window.get(name, 0.0) + value.detach().float()
+        self.window_steps += 1
         self.progress_bar.update(1)
 
-    def log(self, logs):
-        """Average the step's metrics over processes and send them to the progress bar and the trackers."""
-        logs = reduce_logs(logs, self.accelerator)
+    def log(self):
+        """Average the window's metrics over its steps and the processes (one collective, one host read), send them
+        to the progress bar and the trackers; the guard reads its counters and stops a run of non-finite steps."""
+        self.guard.check(self.step)
+        logs = reduce_logs({name: total / self.window_steps for name, total in self.window.items()}, self.accelerator)
+        self.window, self.window_steps = {}, 0
         logs.update(epoch=self.epoch, skipped_updates=self.guard.skipped)
         self.progress_bar.set_postfix({k: f"{logs[k]:.4f}" for k in ("sit_loss", "proj_loss", "vae_loss") if k in logs})
         self.accelerator.log(logs, step=self.step)
@@ -240,6 +327,7 @@ class TrainingRun:
         (opt, opt_vae, opt_disc). Beside them: args, steps, rng (per process), data position, guard, scaler and
         `extra`. Non-finite weights are refused. keep_last > 0 deletes all but the newest keep_last checkpoints.
         """
+        self.guard.check(self.step)
         path = checkpoint_file(self.exp_dir, self.step)
         checkpoint = {key: module.state_dict() for key, module in modules.items()}
         assert_finite(checkpoint, path)  # on every process (their weights are the same), so all stop together
@@ -260,12 +348,16 @@ class TrainingRun:
 
     def resume(self, path, modules, optimizers, *, batches_per_epoch, seed, gradient_accumulation_steps):
         """Load a checkpoint of save_checkpoint (or of the published code) into the run; returns the checkpoint.
+        A checkpoint that lacks a module or does not fit it raises UserError (before open(): nothing written).
 
         Without random and data state for this run's layout (published checkpoints, or another process count or
         batch size) the run continues at the data position its step count implies, with random streams seeded
         from the step: it goes on, but does not repeat an uninterrupted run exactly.
         """
         checkpoint = load_file(path)
+        missing = [key for key in (*modules, *optimizers, "steps") if key not in checkpoint]
+        if missing:
+            raise UserError(f"{path} has no {', '.join(missing)}: it is not a checkpoint of this trainer")
         for key, module in modules.items():
             load_state_dict_strict(module, checkpoint[key], f"{path} [{key}]")
         for key, opt in optimizers.items():
@@ -285,7 +377,7 @@ class TrainingRun:
             torch.manual_seed(seed + self.accelerator.process_index + self.step * processes)
             micro_batches = self.step * gradient_accumulation_steps
             self.epoch, self.batch_in_epoch = divmod(micro_batches, batches_per_epoch)
-        self.logger.info(f"Resumed from {path} at step {self.step}")
+        self.resumed_from = path
         return checkpoint
 
     def save_samples(self, images):
@@ -299,6 +391,7 @@ class TrainingRun:
 
     def finish(self):
         """Wait for every process, log the end and close the trackers."""
+        self.guard.check(self.step)
         self.accelerator.wait_for_everyone()
         self.logger.info(f"Done: {self.step} steps, {self.guard.skipped} skipped updates")
         self.accelerator.end_training()

@@ -1,0 +1,49 @@
+"""The bench's pieces on a tiny setting: the step rows time train_repae.repae_step itself, the table has its rows,
+host reads are counted. No timing assertions."""
+import statistics
+
+import torch
+from accelerate.state import AcceleratorState
+
+import train_repae
+from bench import bench_step, harness
+from helpers import make_dataset
+
+
+def test_count_host_reads_counts_item_float_and_bool():
+    x, item = torch.ones(2), torch.Tensor.item
+    with harness.count_host_reads() as reads:
+        x.sum().item()
+        float(x[0])
+        bool(x[1] > 0)
+        x + 1  # no read
+    assert reads["reads"] == 3
+    assert torch.Tensor.item is item  # restored
+
+
+def test_repae_rows_time_the_trainers_step(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path, resolution=32, per_class=4)
+    calls = []
+    real_step = train_repae.repae_step
+
+    def counting_step(*args, **kwargs):
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_repae, "repae_step", counting_step)
+    args = bench_step.make_parser().parse_args([
+        "--resolution", "32", "--batch-size", "2", "--model", "SiT-T/2", "--vae", "f8d4-tiny", "--enc-type",
+        "dinov2-vit-s", "--encoder-depth", "2", "--configs", "current,baseline", "--warmup", "0", "--repeats", "1",
+        "--work-dir", str(tmp_path), "--data-dir", str(data)])
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
+    rows = bench_step.repae_rows(args)
+    # per configuration: one counted (FLOPs, host reads) and one timed step
+    assert len(calls) == 2 * 2
+    names = [row["name"].strip() for row in rows]
+    parts = list(bench_step.PARTS)
+    assert names == ["REPA-E step + EMA [current]", *parts, "REPA-E step + EMA [baseline]", *parts]
+    step_rows = [row for row in rows if row["name"].startswith("REPA-E")]
+    assert all(row["flops"] > 0 and len(row["times"]) == 1 for row in step_rows)
+    assert step_rows[1]["host_reads"] > step_rows[0]["host_reads"]  # the baseline reads its logs every step
+    lines = [harness.format_row(row) for row in rows]
+    assert all(statistics.median(row["times"]) > 0 for row in rows) and len(lines) == len(rows)
