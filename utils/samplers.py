@@ -108,11 +108,10 @@ def euler_maruyama_sampler(model, latents, y, num_steps=20, heun=False, cfg_scal
     t_steps = torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)])
     velocity = GuidedVelocity(model, y, latents.dtype, cfg_scale)
     steps = []
-    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
-        use_cfg = guided(float(t_cur), cfg_scale, guidance_low, guidance_high)
-        t_in = torch.full(((2 if use_cfg else 1) * y.shape[0],), float(t_cur), dtype=torch.float64,
-                          device=latents.device)
-        steps.append((float(t_cur), t_next - t_cur, torch.sqrt(torch.abs(t_next - t_cur)), torch.sqrt(2 * t_cur), t_in,
+    for t, t_cur, t_next in zip(t_steps.tolist(), t_steps[:-1], t_steps[1:]):
+        use_cfg = guided(t, cfg_scale, guidance_low, guidance_high)
+        t_in = torch.full(((2 if use_cfg else 1) * y.shape[0],), t, dtype=torch.float64, device=latents.device)
+        steps.append((t, t_next - t_cur, torch.sqrt(torch.abs(t_next - t_cur)), torch.sqrt(2 * t_cur), t_in,
                        use_cfg))
     x_next = latents.to(torch.float64)
     with torch.no_grad():
