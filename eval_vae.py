@@ -10,27 +10,18 @@ Also reported: the mean and standard deviation of every latent channel over all 
 --vae-ckpt takes every form the project loads: NAME.pt, .safetensors, a diffusers folder or a hub id.
 """
 import argparse
-import json
 import sys
 
+from utils.cli import HelpFormatter, add_vae_eval_flags
 from utils.errors import report_user_errors
 
 METRICS = (("PSNR", "psnr"), ("SSIM", "ssim"), ("LPIPS", "lpips"), ("rFID", "rfid"))
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the docstring's layout."""
-
-
 def build_parser():
     """The command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--vae", type=str, default="f8d4",
-                        help="VAE layout: f8d4 or f16d32 (f8d4-tiny, f16d32-tiny for smoke runs)")
-    parser.add_argument("--vae-ckpt", type=str, nargs="+", required=True,
-                        help="one or more VAEs (NAME.pt, .safetensors, diffusers folder or hub id); 'none' is a "
-                             "random VAE (smoke runs)")
-    parser.add_argument("--data-dir", type=str, default="data", help="folder holding images.h5 (preprocessing.py)")
+    add_vae_eval_flags(parser)
     parser.add_argument("--num-images", type=int, default=None, help="evaluate the first N images (default: all)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
     parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers")
@@ -184,10 +175,9 @@ def main(argv=None):
     if args.lpips_random_init:
         print("WARNING: random LPIPS trunk: LPIPS is only a smoke test", file=sys.stderr)
     if args.json:
-        from utils.files import atomic_write
+        from utils.files import write_json
 
-        with atomic_write(args.json) as tmp:
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
         print(f"Wrote {args.json}")
     return results
 

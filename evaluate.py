@@ -8,16 +8,12 @@ REF is an ADM reference batch (`arr_0` uint8 NHWC images; its precomputed `mu`, 
 present, are used as they are); SAMPLES is the .npz generate.py writes. Both are read a batch at a time.
 """
 import argparse
-import json
 import sys
 
+from utils.cli import HelpFormatter
 from utils.errors import UserError, report_user_errors
 
 REF_STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the docstring's layout."""
 
 
 def build_parser():
@@ -119,10 +115,9 @@ def main(argv=None):
     if args.inception_random_init:
         print("WARNING: random Inception weights: these numbers are only a smoke test", file=sys.stderr)
     if args.json:
-        from utils.files import atomic_write
+        from utils.files import write_json
 
-        with atomic_write(args.json) as tmp:
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
         print(f"Wrote {args.json}")
     return results
 

@@ -17,6 +17,7 @@ import math
 import os
 from pathlib import Path
 
+from utils.cli import HelpFormatter
 from utils.errors import UserError, report_user_errors
 
 # Sampled when neither --exp-path nor --ckpt is given.
@@ -29,10 +30,6 @@ CONFIG_DEFAULTS = dict(resolution=256, num_classes=1000, encoder_depth=8, cfg_pr
 SETTINGS_FILE = "sampling.json"
 # Kept beside SAMPLE_DIR/NAME.npz as NAME.settings.json: what made the .npz (evaluate.py's --json is NAME.json).
 NPZ_SETTINGS_SUFFIX = ".settings.json"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the docstring's layout."""
 
 
 def build_parser():

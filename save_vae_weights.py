@@ -14,11 +14,8 @@ import argparse
 from collections.abc import Mapping
 from pathlib import Path
 
+from utils.cli import HelpFormatter
 from utils.errors import UserError, report_user_errors
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the docstring's layout."""
 
 
 def build_parser():

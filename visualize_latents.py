@@ -10,24 +10,16 @@ each component is stretched between its 1st and 99th percentile, and its sign fi
 import argparse
 from pathlib import Path
 
+from utils.cli import HelpFormatter, add_vae_eval_flags
 from utils.errors import UserError, report_user_errors
 
 HEADER_HEIGHT = 14  # a row of column titles above the grid
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the docstring's layout."""
-
-
 def build_parser():
     """The command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--vae", type=str, default="f8d4",
-                        help="VAE layout: f8d4 or f16d32 (f8d4-tiny, f16d32-tiny for smoke runs)")
-    parser.add_argument("--vae-ckpt", type=str, nargs="+", required=True,
-                        help="one or more VAEs (NAME.pt, .safetensors, diffusers folder or hub id); 'none' is a "
-                             "random VAE (smoke runs)")
-    parser.add_argument("--data-dir", type=str, default="data", help="folder holding images.h5 (preprocessing.py)")
+    add_vae_eval_flags(parser)
     parser.add_argument("--num-images", type=int, default=8, help="rows: this many images")
     parser.add_argument("--start-index", type=int, default=0, help="index in images.h5 of the first image shown")
     parser.add_argument("--output", type=str, default="latents_pca.png", help="PNG file to write")

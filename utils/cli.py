@@ -1,4 +1,5 @@
-"""Command-line flags both trainers read (published names, types and defaults), and their checks.
+"""Command-line flags both trainers read (published names, types and defaults), their checks, and the pieces other
+scripts' parsers share.
 
 Importing this module imports no torch, so that `--help` and flag errors answer at once.
 """
@@ -127,3 +128,17 @@ def repository_file(path, flag):
         if candidate.is_file():
             return candidate
     raise UserError(f"{flag} {path}: no such file (looked in {Path.cwd()} and {ROOT})")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the layout of a script's docstring."""
+
+
+def add_vae_eval_flags(parser):
+    """--vae, --vae-ckpt (one or several VAEs) and --data-dir, as the VAE evaluation scripts take them."""
+    parser.add_argument("--vae", type=str, default="f8d4",
+                        help="VAE layout: f8d4 or f16d32 (f8d4-tiny, f16d32-tiny for smoke runs)")
+    parser.add_argument("--vae-ckpt", type=str, nargs="+", required=True,
+                        help="one or more VAEs (NAME.pt, .safetensors, diffusers folder or hub id); 'none' is a "
+                             "random VAE (smoke runs)")
+    parser.add_argument("--data-dir", type=str, default="data", help="folder holding images.h5 (preprocessing.py)")

@@ -1,5 +1,6 @@
 """All-or-nothing file writes: a crash or an error never leaves a partial output under its final name."""
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -45,3 +46,9 @@ def atomic_write(path, folder=False):
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path, data):
+    """Write data as indented JSON, atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
