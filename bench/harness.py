@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tensor methods that read a value to the host: on CPU the closest thing to a device synchronization.
-HOST_READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__")
+HOST_READS = ("item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__")
 
 
 def setup_path():

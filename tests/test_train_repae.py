@@ -13,6 +13,7 @@ from accelerate.state import AcceleratorState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_repae
+from bench.harness import count_host_reads
 from helpers import (
     ROOT,
     assert_same_state,
@@ -223,7 +224,7 @@ def test_trackers_wandb_offline_and_tensorboard(data_dir, tmp_path):
 def test_ablation_switches_run(data_dir, deterministic_vae, tmp_path):
     train(data_dir, tmp_path, "frozen", "--freeze-vae", **{"--vae-ckpt": deterministic_vae, "--max-train-steps": 2})
     frozen = load_file(tmp_path / "frozen" / "checkpoints" / "0000002.pt")
-    assert_same_state(frozen["vae"], torch.load(deterministic_vae), "vae")  # the VAE never moved
+    assert_same_state(frozen["vae"], load_file(deterministic_vae), "vae")  # the VAE never moved
     assert first_state(frozen["opt"])["step"] == 2
     train(data_dir, tmp_path, "nostop", "--diffusion-loss-to-vae", "--log-latent-stats",
           **{"--report-to": "tensorboard", "--max-train-steps": 1, "--checkpointing-steps": 1})
@@ -365,35 +366,13 @@ def test_runs_from_any_working_folder(data_dir, tmp_path):
     assert (tmp_path / "elsewhere" / "checkpoints" / "0000001.pt").is_file()
 
 
-class HostReads:
-    """Counts reads of tensor values on the host (the CPU stand-in for device synchronisations) while active."""
-
-    METHODS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-    def __enter__(self):
-        self.count, self.saved = 0, {name: getattr(torch.Tensor, name) for name in self.METHODS}
-        for name, method in self.saved.items():
-            setattr(torch.Tensor, name, self._counting(method))
-        return self
-
-    def _counting(self, method):
-        def counted(tensor, *args, **kwargs):
-            self.count += 1
-            return method(tensor, *args, **kwargs)
-        return counted
-
-    def __exit__(self, *exc):
-        for name, method in self.saved.items():
-            setattr(torch.Tensor, name, method)
-
-
 def test_a_step_that_does_not_log_reads_nothing_on_the_host(step_setup):
     accelerator, nets, images, labels, modules, initial = step_setup
     for module, state in zip(modules, initial):
         module.load_state_dict(state)
-    with HostReads() as reads:
+    with count_host_reads() as reads:
         one_step(nets, images, labels, accelerator, NonFiniteGuard(10))
-    assert reads.count == 0
+    assert reads["reads"] == 0
 
 
 def test_a_nonfinite_update_is_skipped_whole_without_a_host_read(step_setup):
@@ -405,9 +384,9 @@ def test_a_nonfinite_update_is_skipped_whole_without_a_host_read(step_setup):
     opt_before = copy.deepcopy(nets.opt_sit.state_dict())
     vae_before = nets.vae.encoder.conv_in.weight.detach().clone()
     guard = NonFiniteGuard(10)
-    with HostReads() as reads:
+    with count_host_reads() as reads:
         one_step(nets, images, labels, accelerator, guard, proj_coeff=float("inf"))
-    assert reads.count == 0
+    assert reads["reads"] == 0
     assert all(torch.equal(sit_before[name], param) for name, param in nets.sit.named_parameters())
     assert_same_state(opt_before, nets.opt_sit.state_dict(), "opt")  # moments and step count untouched
     assert not torch.equal(vae_before, nets.vae.encoder.conv_in.weight)  # the VAE update went through
