@@ -137,7 +137,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def add_vae_eval_flags(parser):
     """--vae, --vae-ckpt (one or several VAEs) and --data-dir, as the VAE evaluation scripts take them."""
     parser.add_argument("--vae", type=str, default="f8d4",
-                        help="VAE layout: f8d4 or f16d32 (f8d4-tiny, f16d32-tiny for smoke runs)")
+                        help="VAE layout: f8d4 or f16d32 (f8d4-tiny, f16d32-tiny for smoke runs), or diffusers for "
+                             "any diffusers AutoencoderKL folder")
     parser.add_argument("--vae-ckpt", type=str, nargs="+", required=True,
                         help="one or more VAEs (NAME.pt, .safetensors, diffusers folder or hub id); 'none' is a "
                              "random VAE (smoke runs)")
