@@ -64,6 +64,9 @@ def build_parser():
                         help="Heun's method (ODE only)")
     parser.add_argument("--guidance-low", type=float, default=0.0, help="guidance only for times above this")
     parser.add_argument("--guidance-high", type=float, default=1.0, help="guidance only for times below this")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the SiT's forward (compiled once per batch shape: about a minute on a "
+                             "CPU before the first batch; bench/RESULTS.md)")
     return parser
 
 
@@ -382,6 +385,7 @@ def run(args, rank, world_size, device):
     from utils.checkpoint import load_file
     from utils.distributed import from_main_process
     from utils.latents import latent_shape, stats_from_batchnorm
+    from utils.samplers import compile_inference
 
     ckpt_path, exp_name, step = resolve_checkpoint(args, rank)
     folder = Path(f"{args.sample_dir}/{exp_name}_{step}_cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}")
@@ -405,6 +409,8 @@ def run(args, rank, world_size, device):
         stats = stats_from_batchnorm(model.bn.running_mean, model.bn.running_var)
     stats = {key: value.to(device, torch.float32) for key, value in stats.items()}
     model, vae = model.to(device), vae.to(device).eval()
+    if args.compile:
+        compile_inference(model)
     if rank == 0:  # everything loaded: only now is anything written
         record_settings(folder, settings)
 

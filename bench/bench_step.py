@@ -179,8 +179,8 @@ def baseline_nets(nets, accelerator, targs):
                                opt_disc=plain_adamw(nets.opt_disc, targs.disc_learning_rate))
 
 
-def repae_rows(args):
-    """Rows of train_repae.repae_step + EMA for each configuration, timed alternately in this process."""
+def repae_steps(args):
+    """{config: one train_repae.repae_step + EMA} on networks made by train_repae.build, sharing one batch."""
     import torch
     import torch.profiler
     from accelerate.utils import set_seed
@@ -215,9 +215,13 @@ def repae_rows(args):
             step[0] += 1
         return run
 
-    configs = args.configs.split(",")
     torch.manual_seed(0)
-    return measure({config: step_fn(config) for config in configs}, args, "REPA-E step + EMA")
+    return {config: step_fn(config) for config in args.configs.split(",")}
+
+
+def repae_rows(args):
+    """Rows of train_repae.repae_step + EMA for each configuration, timed alternately in this process."""
+    return measure(repae_steps(args), args, "REPA-E step + EMA")
 
 
 def ldm_rows(args):

@@ -6,7 +6,7 @@ import torch
 from accelerate.state import AcceleratorState
 
 import train_repae
-from bench import bench_step, harness
+from bench import bench_memory, bench_step, harness
 from helpers import make_dataset
 
 
@@ -47,3 +47,20 @@ def test_repae_rows_time_the_trainers_step(tmp_path, monkeypatch):
     assert step_rows[1]["host_reads"] > step_rows[0]["host_reads"]  # the baseline reads its logs every step
     lines = [harness.format_row(row) for row in rows]
     assert all(statistics.median(row["times"]) > 0 for row in rows) and len(lines) == len(rows)
+
+
+def test_memory_child_measures_the_trainers_step(tmp_path):
+    data = make_dataset(tmp_path, resolution=32, per_class=4)
+    args = bench_memory.make_parser().parse_args([
+        "--resolution", "32", "--model", "SiT-T/2", "--vae", "f8d4-tiny", "--enc-type", "dinov2-vit-s",
+        "--encoder-depth", "2", "--work-dir", str(tmp_path), "--data-dir", str(data), "--child", "2"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    row = bench_memory.measure_child(args)
+    assert row["batch"] == 2 and 0 < row["built_mib"] <= row["peak_mib"]
+
+
+def test_memory_fit_gives_the_largest_batch_within_the_budget():
+    rows = [dict(batch=2, peak_mib=5000.0), dict(batch=4, peak_mib=5600.0)]
+    fixed, per_image, batch = bench_memory.fit_peak(rows, budget_mib=8192)
+    assert (fixed, per_image) == (4400.0, 300.0)
+    assert batch == 12  # 4400 + 12 * 300 = 8000 <= 8192 < 8300

@@ -33,9 +33,10 @@ def train(cached, out, name, *extra, **overrides):
 
 @pytest.fixture(scope="module")
 def straight(cached, tmp_path_factory):
-    """A finished 6-step run with checkpoints at 3 and 6; returns its experiment folder."""
+    """A finished 6-step run with checkpoints at 3 and 6, logging every 4 steps; returns its experiment folder."""
     out = tmp_path_factory.mktemp("ldm_straight")
-    train(cached, out, "straight", **{"--max-train-steps": 6, "--checkpointing-steps": 3, "--sampling-steps": 3})
+    train(cached, out, "straight", **{"--max-train-steps": 6, "--checkpointing-steps": 3, "--sampling-steps": 3,
+                                      "--log-every": 4})
     return out / "straight"
 
 
@@ -52,7 +53,14 @@ def test_ldm_only_trains_with_fixed_normalizer(straight):
     assert sorted(p.name for p in (straight / "samples").iterdir()) == ["0000001.png", "0000003.png", "0000006.png"]
 
 
+def test_checkpoint_lines_name_the_step_of_their_losses(straight):
+    log = (straight / "log.txt").read_text()
+    assert "0000003.pt at step 3; no losses logged yet" in log
+    assert "0000006.pt at step 6; losses logged at step 4: sit_loss=" in log
+
+
 def test_ldm_only_resume_is_exact(cached, straight, tmp_path):
+    """Resumed and logging every step, the run ends where the straight run (logging every 4 steps) ends."""
     train(cached, tmp_path, "stopped", **{"--max-train-steps": 3, "--checkpointing-steps": 3, "--sampling-steps": 3})
     train(cached, tmp_path, "stopped", "--resume-latest", **{"--max-train-steps": 6, "--checkpointing-steps": 3,
                                                              "--sampling-steps": 3})

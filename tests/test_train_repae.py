@@ -85,7 +85,7 @@ def test_short_run_writes_published_layout(base):
     exp = out / "base"
     args = json.loads((exp / "args.json").read_text())
     assert args["model"] == "SiT-T/2" and args["vae_align_proj_coeff"] == 1.5 and args["enc_type"] == "dinov2-vit-s"
-    assert "Saved checkpoint" in (exp / "log.txt").read_text()
+    assert "0000006.pt at step 6; losses logged at step 6: sit_loss=" in (exp / "log.txt").read_text()
     assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["0000003.pt", "0000006.pt"]
     assert sorted(p.name for p in (exp / "samples").iterdir()) == ["0000001.png", "0000003.png", "0000006.png"]
 

@@ -13,6 +13,12 @@ import torch
 from models.interpolant import interpolant
 
 
+def compile_inference(model):
+    """Compile the model's inference, the samplers' only call into it (torch.compile, one graph per batch shape)."""
+    model.inference = torch.compile(model.inference, dynamic=False)
+    return model
+
+
 def score_from_velocity(v, x_t, t, path_type="linear"):
     """Score of p_t at x_t implied by the velocity v, for times t (N,)."""
     t = t.view(-1, *[1] * (x_t.ndim - 1))

@@ -260,7 +260,7 @@ class TrainingRun:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.resumed_from = None
         self.window, self.window_steps = {}, 0  # metrics summed on the device since the last log
-        self.last_logs = {}
+        self.last_logs, self.logged_step = {}, None
         self.progress_bar = None
 
     def open(self, project):
@@ -318,7 +318,7 @@ class TrainingRun:
         logs.update(epoch=self.epoch, skipped_updates=self.guard.skipped)
         self.progress_bar.set_postfix({k: f"{logs[k]:.4f}" for k in ("sit_loss", "proj_loss", "vae_loss") if k in logs})
         self.accelerator.log(logs, step=self.step)
-        self.last_logs = logs
+        self.last_logs, self.logged_step = logs, self.step
 
     def save_checkpoint(self, modules, optimizers, *, keep_last=0, extra=None):
         """Write EXP/checkpoints/%07d.pt in the published layout plus what an exact resume needs.
@@ -343,7 +343,9 @@ class TrainingRun:
             atomic_save(checkpoint, path)
             prune_checkpoints(self.exp_dir, keep_last)
         self.accelerator.wait_for_everyone()
-        self.logger.info(f"Saved checkpoint to {path}; step {self.step}: {main_losses(self.last_logs)}")
+        losses = f"losses logged at step {self.logged_step}: {main_losses(self.last_logs)}" if self.last_logs \
+            else "no losses logged yet"
+        self.logger.info(f"Saved checkpoint to {path} at step {self.step}; {losses}")
         return path
 
     def resume(self, path, modules, optimizers, *, batches_per_epoch, seed, gradient_accumulation_steps):
