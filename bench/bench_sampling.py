@@ -11,7 +11,8 @@ counts the sampler only (no VAE decoding, no PNG writing). With --reference the 
 (read with `git show`) is timed alternately with the current one on the same inputs, and the bench checks that
 both give the same samples. With --compile a copy of the model whose inference is compiled as `generate.py
 --compile` does (utils.samplers.compile_inference; compilation happens in the untimed first call) is timed
-alternately with the eager one; its row reports the largest difference of its samples from the eager ones.
+alternately with the eager one; its row reports the largest difference of its samples from the eager ones and
+the seconds of that first call.
 """
 import argparse
 import copy
@@ -19,6 +20,7 @@ import functools
 import statistics
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -81,12 +83,17 @@ def sampler_rows(args):
         torch.manual_seed(1)
         return getattr(module, name)(sampled_model, latents, labels, **settings)
 
-    outputs = {version: call(version) for version in versions}
+    outputs, first_call = {}, {}
+    for version in versions:
+        first_call[version] = time.perf_counter()
+        outputs[version] = call(version)
+        first_call[version] = time.perf_counter() - first_call[version]
     if args.reference and not torch.equal(outputs[args.reference], outputs["current"]):
         sys.exit(f"{args.child}: the reference samplers give other samples than the current ones")
     notes = {version: "" for version in versions}
     if args.compile:
-        notes["compiled"] = f" max|compiled-eager|={(outputs['compiled'] - outputs['current']).abs().max():.3g}"
+        notes["compiled"] = (f" max|compiled-eager|={(outputs['compiled'] - outputs['current']).abs().max():.3g}"
+                             f" first call (compiling) {first_call['compiled']:.0f} s")
     counted = {}
     for version in versions:
         with harness.count_host_reads() as reads, FlopCounterMode(display=False) as mode:

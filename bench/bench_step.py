@@ -4,6 +4,7 @@ train_ldm_only.ldm_step, each followed by the loop's EMA update, on networks mad
     python bench/bench_step.py                              # 128 px, batch 2, SiT-B/2, f8d4, DINOv2-B, fp32, eager
     python bench/bench_step.py --configs current,baseline   # the start-of-issue settings, timed alternately
     python bench/bench_step.py --grad-checkpointing         # activation checkpointing switch of the trainers
+    python bench/bench_step.py --profile                    # where one REPA-E step spends its time, by operator
     python bench/bench_step.py --resolution 256 --batch-size 32 --model SiT-XL/2 --mixed-precision bf16 --compile
 
 Weights are random (--vae-ckpt none, --enc-random-init, --lpips-random-init); the images come from an images.h5
@@ -49,6 +50,8 @@ def make_parser():
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--work-dir", default="/tmp/repae-bench", help="where the bench data set is made and kept")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the table: torch.profiler's busiest operators in one current REPA-E step")
     parser.add_argument("--child", choices=["repae", "ldm"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--vae-file", help=argparse.SUPPRESS)
@@ -254,6 +257,22 @@ def ldm_rows(args):
     return measure({"current": run}, args, "LDM-only step + EMA")
 
 
+def print_profile(args):
+    """torch.profiler's operators of one REPA-E step (after a warm-up step), busiest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    args.configs = "current"
+    step_fn = repae_steps(args)["current"]
+    step_fn()
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step_fn()
+        harness.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                    row_limit=20, max_name_column_width=50))
+
+
 def child_argv(args, row, data_dir, vae_file):
     """This script's flags for the child process that measures `row`."""
     argv = ["--resolution", args.resolution, "--batch-size", args.batch_size, "--model", args.model, "--vae",
@@ -283,6 +302,12 @@ def main(argv=None):
         sys.exit(f"--configs takes a comma list of {', '.join(CONFIGS)}")
     if args.child:
         harness.emit(repae_rows(args) if args.child == "repae" else ldm_rows(args))
+        return
+    if args.profile:
+        args.data_dir, _ = harness.make_bench_data(Path(args.work_dir), resolution=args.resolution,
+                                                   images=max(16, 4 * args.batch_size), vae=args.vae)
+        print_profile(args)
+        print(f"command: python bench/bench_step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
         return
     rows = collect_rows(args)
     harness.print_table("training steps (train_repae.repae_step, train_ldm_only.ldm_step)", rows)

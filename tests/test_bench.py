@@ -64,3 +64,14 @@ def test_memory_fit_gives_the_largest_batch_within_the_budget():
     fixed, per_image, batch = bench_memory.fit_peak(rows, budget_mib=8192)
     assert (fixed, per_image) == (4400.0, 300.0)
     assert batch == 12  # 4400 + 12 * 300 = 8000 <= 8192 < 8300
+
+
+def test_profile_prints_the_step_operators(tmp_path, capsys):
+    data = make_dataset(tmp_path, resolution=32, per_class=4)
+    args = bench_step.make_parser().parse_args([
+        "--resolution", "32", "--batch-size", "2", "--model", "SiT-T/2", "--vae", "f8d4-tiny", "--enc-type",
+        "dinov2-vit-s", "--encoder-depth", "2", "--work-dir", str(tmp_path), "--data-dir", str(data), "--profile"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    bench_step.print_profile(args)
+    table = capsys.readouterr().out
+    assert "aten::convolution_backward" in table and "aten::_fused_adamw_" in table
