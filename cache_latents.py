@@ -12,28 +12,8 @@ import argparse
 import json
 import os
 
+from utils.cli import VAE_CKPT_HELP, HelpFormatter, non_negative_int, positive_int, vae_kind_help
 from utils.errors import UserError, report_user_errors
-
-VAE_ARCHS = ("f8d4, f16d32 (f8d4-tiny, f16d32-tiny for smoke runs), or diffusers: any diffusers AutoencoderKL "
-             "folder given as --vae-ckpt-path")
-
-
-def build_vae(arch, ckpt_path, random_init):
-    """The VAE from its checkpoint, or (smoke runs) randomly initialised with the same weights on every rank."""
-    import torch
-
-    from models.autoencoder import DIFFUSERS_VAE, vae_models
-    from utils.latents import load_vae
-
-    if random_init and arch == DIFFUSERS_VAE:
-        raise UserError(f"--vae-random-init needs one of the layouts {', '.join(vae_models)}: with --vae-arch "
-                        f"{DIFFUSERS_VAE} the network comes from --vae-ckpt-path")
-    if random_init:
-        with torch.random.fork_rng(devices=[]):  # seeded here only: the caller's random state stays as it was
-            torch.manual_seed(0)
-            return vae_models[arch]()
-    vae, _ = load_vae(arch, ckpt_path, require_stats=False)
-    return vae
 
 
 def rank_slices(num_items, batch_size, num_processes, rank):
@@ -47,7 +27,7 @@ def encode(vae, images):
     """uint8 images -> float32 (B, 2C, h, w): posterior mean then posterior std."""
     import torch
 
-    from utils.latents import preprocess_imgs_vae
+    from models.autoencoder import preprocess_imgs_vae
 
     with torch.no_grad():
         posterior = vae.encode(preprocess_imgs_vae(images))
@@ -97,33 +77,24 @@ def write_latents(h5_path, json_path, names, labels, batches, desc):
 def build_parser():
     """The caching flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--vae-arch", type=str, default="f16d32", help=f"VAE layout: {VAE_ARCHS}")
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--vae-arch", type=str, default="f16d32", help=vae_kind_help("--vae-ckpt-path"))
     parser.add_argument("--vae-ckpt-path", type=str, default="pretrained/repae-invae-400k/repae-invae-400k.pt",
-                        help="NAME.pt state dict, .safetensors, a diffusers folder or a hub id (REPA-E/e2e-vavae)")
+                        help=VAE_CKPT_HELP)
     parser.add_argument("--vae-latents-name", type=str, default="repae-invae-400k",
                         help="writes OUTPUT/NAME.h5 and OUTPUT/NAME_h5.json")
     parser.add_argument("--data-dir", type=str, default="data", help="folder holding images.h5")
     parser.add_argument("--output-dir", type=str, default="data", help="folder for NAME.h5 and NAME_h5.json")
-    parser.add_argument("--pproc-batch-size", type=int, default=128, help="images per process per step")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    parser.add_argument("--pproc-batch-size", type=positive_int, default=128, help="images per process per step")
+    parser.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader workers per process")
     parser.add_argument("--vae-random-init", action="store_true", help="random VAE weights (smoke runs)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
 
 
-def parse_args(argv=None):
-    """Parse the caching flags."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.pproc_batch_size <= 0 or args.num_workers < 0:
-        parser.error("--pproc-batch-size must be positive and --num-workers non-negative")
-    return args
-
-
 def main(argv=None):
     """Encode this rank's share of every batch, gather and write on rank 0."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     h5_path = os.path.join(args.output_dir, f"{args.vae_latents_name}.h5")
     json_path = os.path.join(args.output_dir, f"{args.vae_latents_name}_h5.json")
     for path in (h5_path, json_path):
@@ -133,16 +104,17 @@ def main(argv=None):
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from models.autoencoder import vae_names
-    from utils.data import ImageDataset, latent_name
-    from utils.latents import latent_shape
+    from dataset.h5 import ImageDataset, latent_name
+    from models.autoencoder import latent_shape
+    from weights.vae import resolve_vae
 
-    if args.vae_arch not in vae_names:
-        raise UserError(f"--vae-arch {args.vae_arch} is unknown; known: {', '.join(vae_names)}")
+    vae_source = resolve_vae(args.vae_arch, "none" if args.vae_random_init else args.vae_ckpt_path,
+                             arch_flag="--vae-arch", ckpt_flag="--vae-ckpt-path")
     dataset = ImageDataset(args.data_dir)
 
     accelerator = Accelerator()
-    vae = build_vae(args.vae_arch, args.vae_ckpt_path, args.vae_random_init).to(accelerator.device).eval()
+    vae, _ = vae_source.load(seed=0)  # a random VAE (smoke runs) has the same weights on every process
+    vae = vae.to(accelerator.device).eval()
     channels, height, width = latent_shape(vae, dataset.image_size[0])  # images.h5 holds square crops
     shape = (2 * channels, height, width)
     world, batch_size = accelerator.num_processes, args.pproc_batch_size

@@ -90,7 +90,7 @@ def last_losses(log_file):
 
 def training_images(data_dir):
     """All images of DATA/images.h5 as uint8 (N, H, W, 3) and their labels."""
-    from utils.data import ImageDataset
+    from dataset.h5 import ImageDataset
 
     dataset = ImageDataset(str(data_dir))
     images, labels = zip(*(dataset[i] for i in range(len(dataset))))
@@ -107,10 +107,11 @@ def write_reference_npz(data_dir, path):
 @torch.no_grad()
 def sample_each_class(exp_dir, step, per_class, num_steps):
     """uint8 EMA samples of every class (per_class each, fixed noise) and their labels, with generate.py's loaders."""
-    from generate import load_autoencoder, load_config, load_sit, to_uint8
-    from utils.checkpoint import checkpoint_file, load_file
-    from utils.latents import denormalize_latents, latent_shape, stats_from_batchnorm
-    from utils.samplers import euler_sampler
+    from models.autoencoder import latent_shape, to_uint8_hwc
+    from sampling.samplers import euler_sampler
+    from weights.checkpoint import checkpoint_file, load_file
+    from weights.latent_stats import denormalize_latents, stats_from_batchnorm
+    from weights.training_checkpoint import load_autoencoder, load_config, load_sit
 
     ckpt_path = checkpoint_file(exp_dir, step)
     checkpoint = load_file(ckpt_path)
@@ -124,7 +125,7 @@ def sample_each_class(exp_dir, step, per_class, num_steps):
     noise = torch.randn(len(labels), *shape, generator=torch.Generator().manual_seed(0))
     latents = euler_sampler(model, noise, labels, num_steps=num_steps, cfg_scale=CFG_SCALE)
     images = vae.eval().decode(denormalize_latents(latents.float(), stats))
-    return to_uint8(images), labels.numpy()
+    return to_uint8_hwc(images), labels.numpy()
 
 
 def colour_layout(images):
@@ -165,7 +166,7 @@ def nearest_neighbour_check(exp_dir, step, data_dir, num_steps, picture):
 
 def inception_flags():
     """[] when the Inception weights are on this machine, else random weights (numbers only a smoke test)."""
-    from utils.evaluation import inception_weights_path
+    from evaluation.inception import inception_weights_path
 
     try:
         inception_weights_path()

@@ -10,9 +10,9 @@ Also reported: the mean and standard deviation of every latent channel over all 
 --vae-ckpt takes every form the project loads: NAME.pt, .safetensors, a diffusers folder or a hub id.
 """
 import argparse
-import sys
 
-from utils.cli import HelpFormatter, add_vae_eval_flags
+from evaluation.flags import add_inception_flags, add_output_flags, add_vae_eval_flags
+from utils.cli import HelpFormatter, non_negative_int, positive_int
 from utils.errors import report_user_errors
 
 METRICS = (("PSNR", "psnr"), ("SSIM", "ssim"), ("LPIPS", "lpips"), ("rFID", "rfid"))
@@ -22,65 +22,25 @@ def build_parser():
     """The command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_vae_eval_flags(parser)
-    parser.add_argument("--num-images", type=int, default=None, help="evaluate the first N images (default: all)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers")
-    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--num-images", type=positive_int, default=None,
+                        help="evaluate the first N images (default: all)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE forward")
+    parser.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader workers")
+    add_output_flags(parser)
     parser.add_argument("--rfid", action=argparse.BooleanOptionalAction, default=True,
                         help="compute rFID (needs the Inception weights; its 2048x2048 matrix square root takes "
                              "about a minute on a small CPU)")
-    parser.add_argument("--inception-weights", type=str, default=None,
-                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: "
-                             "$REPAE_INCEPTION_WEIGHTS, else $TORCH_HOME/hub/checkpoints/)")
-    parser.add_argument("--inception-random-init", action="store_true",
-                        help="random Inception weights: rFID is then only a smoke test")
+    add_inception_flags(parser, "rFID is")
     parser.add_argument("--lpips-random-init", action="store_true",
                         help="random LPIPS VGG trunk: LPIPS is then only a smoke test")
     parser.add_argument("--seed", type=int, default=0, help="seed of a random VAE ('none')")
     return parser
 
 
-def parse_args(argv=None):
-    """Parse and check the command-line flags."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size <= 0 or (args.num_images is not None and args.num_images <= 0):
-        parser.error("--batch-size and --num-images must be positive")
-    return args
-
-
-def to_uint8(images):
-    """Decoded images in [-1, 1] -> uint8 (B, 3, H, W), truncating as generate.py does."""
-    import torch
-
-    return torch.clamp(255.0 * (images + 1) / 2, 0, 255).to(torch.uint8)
-
-
 def psnr(reconstructions, originals):
     """Per-image PSNR in dB of uint8 images (B, 3, H, W)."""
     mse = (reconstructions.double() - originals.double()).pow(2).mean(dim=(1, 2, 3))
     return 10 * (255.0 ** 2 / mse).log10()
-
-
-class LatentMoments:
-    """Running per-channel mean and standard deviation of latents (B, C, h, w) over images and positions."""
-
-    def __init__(self):
-        self.total, self.total_sq, self.count = 0.0, 0.0, 0
-
-    def update(self, z):
-        """Add a batch of latents."""
-        z = z.double()
-        self.total = self.total + z.sum(dim=(0, 2, 3)).cpu()
-        self.total_sq = self.total_sq + z.pow(2).sum(dim=(0, 2, 3)).cpu()
-        self.count += z.numel() // z.shape[1]
-
-    def mean_std(self):
-        """(mean, std) lists, one value per channel."""
-        mean = self.total / self.count
-        std = (self.total_sq / self.count - mean.pow(2)).clamp_min(0).sqrt()
-        return mean.tolist(), std.tolist()
 
 
 def evaluate_vae(vae, loader, device, lpips, inception):
@@ -90,7 +50,8 @@ def evaluate_vae(vae, loader, device, lpips, inception):
     from torchmetrics.functional.image import structural_similarity_index_measure
     from tqdm import tqdm
 
-    from utils.latents import preprocess_imgs_vae
+    from models.autoencoder import preprocess_imgs_vae, to_uint8
+    from weights.latent_stats import LatentMoments
 
     psnrs, ssims, lpipses, pools, moments = [], [], [], [], LatentMoments()
     with torch.no_grad():
@@ -106,7 +67,7 @@ def evaluate_vae(vae, loader, device, lpips, inception):
             lpipses.append(lpips(preprocess_imgs_vae(reconstructions), inputs).flatten().cpu())
             if inception is not None:
                 pools.append(inception.activations(reconstructions.permute(0, 2, 3, 1))[0])
-    mean, std = moments.mean_std()
+    mean, std = (value.tolist() for value in moments.mean_std())
     metrics = {"psnr": torch.cat(psnrs).mean().item(), "ssim": torch.cat(ssims).mean().item(),
                "lpips": torch.cat(lpipses).mean().item(), "latent_mean": mean, "latent_std": std}
     return metrics, (np.concatenate(pools) if pools else None)
@@ -126,9 +87,11 @@ def run(args):
     import torch
     from torch.utils.data import DataLoader, Subset
 
+    from dataset.h5 import ImageDataset
+    from evaluation.inception import build_inception
+    from evaluation.metrics import fid_statistics, frechet_distance
     from loss.lpips import build_lpips
-    from utils.data import ImageDataset
-    from utils.evaluation import build_inception, fid_statistics, frechet_distance, load_vaes
+    from weights.vae import load_vaes
 
     dataset = ImageDataset(args.data_dir)
     vaes = load_vaes(args.vae, args.vae_ckpt, dataset.image_size, args.seed)
@@ -167,18 +130,13 @@ def format_table(results):
 
 def main(argv=None):
     """Parse flags, evaluate every VAE, print the table, write --json; returns {ckpt: results}."""
-    args = parse_args(argv)
-    results = run(args)
-    print(format_table(results))
-    if args.inception_random_init and args.rfid:
-        print("WARNING: random Inception weights: rFID is only a smoke test", file=sys.stderr)
-    if args.lpips_random_init:
-        print("WARNING: random LPIPS trunk: LPIPS is only a smoke test", file=sys.stderr)
-    if args.json:
-        from utils.files import write_json
+    args = build_parser().parse_args(argv)
+    from evaluation.report import report_results
 
-        write_json(args.json, results)
-        print(f"Wrote {args.json}")
+    results = run(args)
+    smoke_tests = (["random Inception weights: rFID is"] if args.inception_random_init and args.rfid else []) + \
+        (["random LPIPS trunk: LPIPS is"] if args.lpips_random_init else [])
+    report_results(format_table(results), results, json_path=args.json, smoke_tests=smoke_tests)
     return results
 
 

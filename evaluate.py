@@ -3,14 +3,14 @@
     python evaluate.py VIRTUAL_imagenet256_labeled.npz samples/NAME.npz --json samples/NAME.json
 
 The numbers of the ADM evaluator (openai/guided-diffusion evaluations/evaluator.py), without TensorFlow: the same
-Inception graph (torch-fidelity's port), the same features and the same formulas (see utils/evaluation.py).
+Inception graph (torch-fidelity's port), the same features and the same formulas (see evaluation/).
 REF is an ADM reference batch (`arr_0` uint8 NHWC images; its precomputed `mu`, `sigma`, `mu_s`, `sigma_s`, when
 present, are used as they are); SAMPLES is the .npz generate.py writes. Both are read a batch at a time.
 """
 import argparse
-import sys
 
-from utils.cli import HelpFormatter
+from evaluation.flags import add_inception_flags, add_output_flags
+from utils.cli import HelpFormatter, positive_int
 from utils.errors import UserError, report_user_errors
 
 REF_STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -21,24 +21,11 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("ref_batch", type=str, help="reference batch .npz (arr_0 uint8 NHWC, optional mu/sigma/...)")
     parser.add_argument("sample_batch", type=str, help="sample batch .npz (arr_0 uint8 NHWC), as generate.py writes")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (the ADM's 64)")
-    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--json", type=str, default=None, help="also write the numbers to this JSON file")
-    parser.add_argument("--inception-weights", type=str, default=None,
-                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: "
-                             "$REPAE_INCEPTION_WEIGHTS, else $TORCH_HOME/hub/checkpoints/)")
-    parser.add_argument("--inception-random-init", action="store_true",
-                        help="random Inception weights: the numbers are then only a smoke test")
+    parser.add_argument("--batch-size", type=positive_int, default=64,
+                        help="images per Inception forward (the ADM's 64)")
+    add_output_flags(parser)
+    add_inception_flags(parser, "the numbers are")
     return parser
-
-
-def parse_args(argv=None):
-    """Parse and check the command-line flags."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size <= 0:
-        parser.error("--batch-size must be positive")
-    return args
 
 
 def read_reference_statistics(path):
@@ -70,14 +57,9 @@ def evaluate(args):
     """Compute the five numbers; returns them as a dict."""
     import torch
 
-    from utils.evaluation import (
-        NpzImages,
-        build_inception,
-        fid_statistics,
-        frechet_distance,
-        inception_score,
-        precision_recall,
-    )
+    from evaluation.inception import build_inception
+    from evaluation.metrics import fid_statistics, frechet_distance, inception_score, precision_recall
+    from evaluation.npz import NpzImages
 
     ref_images, sample_images = NpzImages(args.ref_batch), NpzImages(args.sample_batch)
     if ref_images.shape[1:] != sample_images.shape[1:]:
@@ -107,18 +89,15 @@ def evaluate(args):
 
 def main(argv=None):
     """Parse flags, evaluate, print as the ADM evaluator does, write --json; returns the numbers."""
-    args = parse_args(argv)
-    results = evaluate(args)
-    for name, key in [("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
-                      ("Precision", "precision"), ("Recall", "recall")]:
-        print(f"{name}: {results[key]}")
-    if args.inception_random_init:
-        print("WARNING: random Inception weights: these numbers are only a smoke test", file=sys.stderr)
-    if args.json:
-        from utils.files import write_json
+    args = build_parser().parse_args(argv)
+    from evaluation.report import report_results
 
-        write_json(args.json, results)
-        print(f"Wrote {args.json}")
+    results = evaluate(args)
+    lines = [f"{name}: {results[key]}" for name, key in [("Inception Score", "inception_score"), ("FID", "fid"),
+                                                          ("sFID", "sfid"), ("Precision", "precision"),
+                                                          ("Recall", "recall")]]
+    report_results("\n".join(lines), results, json_path=args.json,
+                   smoke_tests=["random Inception weights: these numbers are"] if args.inception_random_init else [])
     return results
 
 

@@ -17,15 +17,13 @@ import math
 import os
 from pathlib import Path
 
-from utils.cli import HelpFormatter
+from utils.cli import HelpFormatter, positive_int, unit_float
 from utils.errors import UserError, report_user_errors
+from utils.files import read_json
 
 # Sampled when neither --exp-path nor --ckpt is given.
 DEFAULT_EXP_PATH = "pretrained/sit-xl-dinov2-b-enc8-repae-sdvae-0.5-1.5-400k"
 DEFAULT_TRAIN_STEPS = "400000"
-# Training defaults for the model settings, in case an older args.json lacks one.
-CONFIG_DEFAULTS = dict(resolution=256, num_classes=1000, encoder_depth=8, cfg_prob=0.1, qk_norm=False,
-                       fused_attn=True, bn_momentum=0.1)
 # Kept in the sample folder: PNGs of an interrupted run are reused only under the same settings.
 SETTINGS_FILE = "sampling.json"
 # Kept beside SAMPLE_DIR/NAME.npz as NAME.settings.json: what made the .npz (evaluate.py's --json is NAME.json).
@@ -52,18 +50,18 @@ def build_parser():
                         help="decode with this VAE (NAME.pt, .safetensors, diffusers folder or hub id) instead of the "
                              "checkpoint's (REPA-E) or args.json's vae_ckpt (latent diffusion only); REPA-E "
                              "checkpoints keep the latent statistics of their SiT batch-norm")
-    parser.add_argument("--pproc-batch-size", type=int, default=256, help="images per process and batch")
-    parser.add_argument("--num-fid-samples", type=int, default=50_000, help="images in the .npz")
+    parser.add_argument("--pproc-batch-size", type=positive_int, default=256, help="images per process and batch")
+    parser.add_argument("--num-fid-samples", type=positive_int, default=50_000, help="images in the .npz")
     parser.add_argument("--mode", type=str, default="ode", choices=["ode", "sde"],
                         help="sampler: Euler ODE or Euler-Maruyama SDE")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: none)")
     parser.add_argument("--path-type", type=str, default="linear", choices=["linear", "cosine"],
                         help="interpolant the model was trained with")
-    parser.add_argument("--num-steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--num-steps", type=positive_int, default=50, help="sampler steps")
     parser.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
                         help="Heun's method (ODE only)")
-    parser.add_argument("--guidance-low", type=float, default=0.0, help="guidance only for times above this")
-    parser.add_argument("--guidance-high", type=float, default=1.0, help="guidance only for times below this")
+    parser.add_argument("--guidance-low", type=unit_float, default=0.0, help="guidance only for times above this")
+    parser.add_argument("--guidance-high", type=unit_float, default=1.0, help="guidance only for times below this")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile the SiT's forward (compiled once per batch shape: about a minute on a "
                              "CPU before the first batch; bench/RESULTS.md)")
@@ -78,8 +76,9 @@ def parse_args(argv=None):
         parser.error("--cfg-scale must be >= 1.0")
     if args.heun and args.mode != "ode":
         parser.error("--heun is only available with --mode ode")
-    if args.pproc_batch_size <= 0 or args.num_fid_samples <= 0 or args.num_steps <= 0:
-        parser.error("--pproc-batch-size, --num-fid-samples and --num-steps must be positive")
+    if args.guidance_low > args.guidance_high:
+        parser.error(f"--guidance-low {args.guidance_low} is above --guidance-high {args.guidance_high}: guidance "
+                     "applies while guidance_low <= t <= guidance_high")
     return args
 
 
@@ -102,8 +101,8 @@ def setup_distributed():
 
 def resolve_checkpoint(args, rank):
     """(checkpoint file, experiment name, 7-digit step) from --ckpt or --exp-path / --train-steps."""
-    from utils.checkpoint import checkpoint_file, list_checkpoints
-    from utils.hub import resolve_weights
+    from weights.checkpoint import checkpoint_file, list_checkpoints
+    from weights.hub import resolve_weights
 
     if args.ckpt is not None:
         ckpt = resolve_weights(args.ckpt)
@@ -152,17 +151,6 @@ def differences(recorded, now):
                      for key, value in now.items() if recorded.get(key) != value)
 
 
-def read_json(path, fix="remove it"):
-    """The JSON object in a file; a damaged one raises UserError naming it and saying `fix`."""
-    try:
-        value = json.loads(path.read_text())
-    except ValueError as error:
-        raise UserError(f"{path} is not valid JSON ({error}): {fix}") from error
-    if not isinstance(value, dict):
-        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object: {fix}")
-    return value
-
-
 def prepare_folder(folder, settings, npz_record, ckpt_path):
     """On rank 0, before anything is loaded or written: ("done", message) if the .npz exists with the same (or
     unknown) settings, ("error", message) if sampling cannot start, else ("run", None)."""
@@ -198,97 +186,6 @@ def record_settings(folder, settings):
             tmp.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def load_config(args, checkpoint, ckpt_path):
-    """Model settings: EXP/args.json when there is an experiment folder, else the checkpoint's own args."""
-    from models.autoencoder import vae_names
-    from models.sit import SiT_models
-
-    if args.exp_path is not None:
-        config = read_json(Path(args.exp_path) / "args.json", "restore the training run's args.json, or pass "
-                           "--ckpt alone to take the settings from the checkpoint")
-    elif "args" in checkpoint:
-        saved = checkpoint["args"]
-        config = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)
-    else:
-        raise UserError(f"{ckpt_path} holds no training args: pass --exp-path EXP with EXP/args.json")
-    config = {**CONFIG_DEFAULTS, **config}
-    if config.get("model") not in SiT_models:
-        raise UserError(f"unknown model {config.get('model')!r} in the training args; known: {', '.join(SiT_models)}")
-    if config.get("vae") not in vae_names:
-        raise UserError(f"unknown vae {config.get('vae')!r} in the training args; known: {', '.join(vae_names)}")
-    return config
-
-
-def check_training_checkpoint(checkpoint, ckpt_path):
-    """Raise UserError unless the checkpoint is a training checkpoint with EMA weights."""
-    from collections.abc import Mapping
-
-    if not isinstance(checkpoint, Mapping) or "ema" not in checkpoint:
-        held = f"keys {', '.join(map(str, checkpoint))}" if isinstance(checkpoint, Mapping) else \
-            f"a {type(checkpoint).__name__}"
-        raise UserError(f"{ckpt_path} holds {held}, not a training checkpoint with 'ema' weights: pass "
-                        "EXP/checkpoints/STEP.pt of a training run")
-
-
-def projector_shapes(ema_state):
-    """(z_dims, projector_dim) read off the projector weights, so no representation encoder is needed."""
-    z_dims = []
-    while f"projectors.{len(z_dims)}.4.weight" in ema_state:
-        z_dims.append(ema_state[f"projectors.{len(z_dims)}.4.weight"].shape[0])
-    projector_dim = ema_state["projectors.0.0.weight"].shape[0] if z_dims else 2048
-    return z_dims, projector_dim
-
-
-def uninitialized(build, device, **kwargs):
-    """build(**kwargs) on device without weight init (seconds for big models): a strict load fills every tensor."""
-    import torch
-
-    with torch.device("meta"):
-        module = build(**kwargs)
-    return module.to_empty(device=device)
-
-
-def load_sit(config, ema_state, source, shape, device):
-    """The SiT of the training args for latents of `shape` (C, H, W) with the EMA weights, in eval mode."""
-    from models.sit import SiT_models
-    from utils.checkpoint import check_state_dict, load_state_dict_strict
-
-    check_state_dict(ema_state, f"{source} [ema]", "SiT")
-    z_dims, projector_dim = projector_shapes(ema_state)
-    model = uninitialized(
-        SiT_models[config["model"]],
-        device,
-        input_size=shape[-1],
-        in_channels=shape[0],
-        num_classes=config["num_classes"],
-        class_dropout_prob=config["cfg_prob"],
-        z_dims=z_dims,
-        projector_dim=projector_dim,
-        encoder_depth=config["encoder_depth"],
-        bn_momentum=config["bn_momentum"],
-        qk_norm=config["qk_norm"],
-        fused_attn=config["fused_attn"],
-    )
-    load_state_dict_strict(model, ema_state, f"{source} [ema]")
-    return model.eval()
-
-
-def load_autoencoder(config, checkpoint, source, vae_ckpt, device):
-    """(VAE, latent statistics or None) where None means: use the SiT batch-norm's (REPA-E checkpoints)."""
-    from utils.latents import load_vae, vae_from_checkpoint
-
-    arch = config["vae"]
-    if "vae" in checkpoint:
-        if vae_ckpt is not None:
-            return load_vae(arch, vae_ckpt, require_stats=False)[0], None
-        return vae_from_checkpoint(arch, checkpoint, source, device), None  # --vae diffusers: its vae_config
-    # latent-diffusion-only checkpoints were trained on a fixed VAE and its statistics file
-    vae_ckpt = vae_ckpt or config.get("vae_ckpt")
-    if not vae_ckpt:
-        raise UserError(f"{source} holds no VAE and the training args name no vae_ckpt: pass --vae-ckpt")
-    return load_vae(arch, vae_ckpt)
-
-
 class NullVelocity:
     """Zero-velocity stand-in: a sampler run with it draws the same random numbers as a real run, at no cost."""
 
@@ -299,14 +196,6 @@ class NullVelocity:
         import torch
 
         return torch.zeros_like(x)
-
-
-def to_uint8(images):
-    """Decoded images in [-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), truncating like the reference samples."""
-    import torch
-
-    images = torch.clamp(255.0 * (images + 1) / 2, 0, 255)
-    return images.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
 
 
 def save_png(image, path):
@@ -324,8 +213,9 @@ def sample_pngs(args, model, vae, stats, folder, rank, world_size, seed, shape):
     import torch
     from tqdm import tqdm
 
-    from utils import samplers
-    from utils.latents import denormalize_latents
+    from models.autoencoder import to_uint8_hwc
+    from sampling import samplers
+    from weights.latent_stats import denormalize_latents
 
     sampler = samplers.euler_maruyama_sampler if args.mode == "sde" else samplers.euler_sampler
     null_model = NullVelocity(model.num_classes)
@@ -348,7 +238,7 @@ def sample_pngs(args, model, vae, stats, folder, rank, world_size, seed, shape):
             if done:
                 continue
             latents = denormalize_latents(latents.to(torch.float32), stats)
-            images = to_uint8(vae.decode(latents))
+            images = to_uint8_hwc(vae.decode(latents))
         for image, path in zip(images, paths):
             save_png(image, path)
 
@@ -382,10 +272,12 @@ def run(args, rank, world_size, device):
     import torch
     import torch.distributed as dist
 
-    from utils.checkpoint import load_file
-    from utils.distributed import from_main_process
-    from utils.latents import latent_shape, stats_from_batchnorm
-    from utils.samplers import compile_inference
+    from models.autoencoder import latent_shape
+    from sampling.samplers import compile_inference
+    from training.distributed import from_main_process
+    from weights.checkpoint import load_file
+    from weights.latent_stats import stats_from_batchnorm
+    from weights.training_checkpoint import check_training_checkpoint, load_autoencoder, load_config, load_sit
 
     ckpt_path, exp_name, step = resolve_checkpoint(args, rank)
     folder = Path(f"{args.sample_dir}/{exp_name}_{step}_cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}")

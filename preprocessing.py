@@ -14,6 +14,7 @@ import os
 import sys
 from collections import Counter
 
+from utils.cli import HelpFormatter, non_negative_int, positive_int
 from utils.errors import UserError, report_user_errors
 
 # Images wider (or taller) than this many times their short side are skipped: resizing their short side to the
@@ -169,28 +170,19 @@ def check_output(paths, overwrite):
 def build_parser():
     """The preprocessing flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--imagenet-path", type=str, required=True, help="source image folder (class subfolders)")
     parser.add_argument("--output-path", type=str, default="data", help="folder for images.h5 and images_h5.json")
-    parser.add_argument("--resolution", type=int, default=256, help="side of the square center crop")
-    parser.add_argument("--num-workers", type=int, default=16, help="decoding processes")
+    parser.add_argument("--resolution", type=positive_int, default=256, help="side of the square center crop")
+    parser.add_argument("--num-workers", type=non_negative_int, default=16, help="decoding processes")
     parser.add_argument("--max-images", type=int, default=None, help="only the first N files (sorted)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
 
 
-def parse_args(argv=None):
-    """Parse the preprocessing flags."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.resolution <= 0 or args.num_workers < 0:
-        parser.error("--resolution must be positive and --num-workers non-negative")
-    return args
-
-
 def main(argv=None):
     """Convert the folder, write images.h5 and images_h5.json atomically."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if not os.path.isdir(args.imagenet_path):
         raise UserError(f"--imagenet-path {args.imagenet_path} is not a folder")
     h5_path = os.path.join(args.output_path, "images.h5")

@@ -31,32 +31,11 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None):
-    """Parse the export flags."""
-    return build_parser().parse_args(argv)
-
-
-def export_diffusers(checkpoint, arch, stats, folder, source):
-    """Write the diffusers folder all at once, so no half-written folder is left behind."""
-    from models.autoencoder import DIFFUSERS_VAE
-    from utils.diffusers_vae import export_diffusers_autoencoder, export_diffusers_vae
-    from utils.files import atomic_write
-    from utils.latents import VAE_CONFIG_KEY, vae_from_checkpoint
-
-    with atomic_write(folder, folder=True) as tmp:
-        if arch == DIFFUSERS_VAE:
-            export_diffusers_autoencoder(checkpoint["vae"], checkpoint[VAE_CONFIG_KEY], tmp, stats, f"{source} [vae]")
-        else:
-            export_diffusers_vae(vae_from_checkpoint(arch, checkpoint, source), arch, tmp, stats)
-
-
 def read_training_checkpoint(spec):
-    """(checkpoint, VAE layout name or 'diffusers') of a REPA-E training checkpoint; anything else raises UserError
-    naming it."""
-    from models.autoencoder import DIFFUSERS_VAE, vae_arch_of, vae_models
-    from utils.checkpoint import check_state_dict, load_file
-    from utils.hub import resolve_weights
-    from utils.latents import VAE_CONFIG_KEY
+    """(checkpoint, kind of its VAE) of a REPA-E training checkpoint; anything else raises UserError naming it."""
+    from weights.checkpoint import check_state_dict, load_file
+    from weights.hub import resolve_weights
+    from weights.vae import checkpoint_vae_kind
 
     checkpoint = load_file(resolve_weights(spec))
     if not isinstance(checkpoint, Mapping):
@@ -71,45 +50,33 @@ def read_training_checkpoint(spec):
     if not {"bn.running_mean", "bn.running_var"} <= checkpoint["ema"].keys():
         raise UserError(f"{spec} [ema] has no latent batch-norm (bn.running_mean, bn.running_var): it is not a "
                         "REPA-E training checkpoint")
-    if isinstance(checkpoint.get(VAE_CONFIG_KEY), Mapping):  # a --vae diffusers run: the config is the layout
-        return checkpoint, DIFFUSERS_VAE
-    arch = vae_arch_of(checkpoint["vae"])
-    if arch is None:
-        raise UserError(f"{spec} [vae] fits none of the autoencoder layouts {', '.join(vae_models)}")
-    return checkpoint, arch
+    return checkpoint, checkpoint_vae_kind(checkpoint, spec)
 
 
 def main(argv=None):
     """Write the outputs; return their paths by kind (vae, latents_stats, discriminator, diffusers)."""
-    args = parse_args(argv)
-    from models.autoencoder import DIFFUSERS_VAE
-    from utils.checkpoint import atomic_save
-    from utils.hub import DISCRIMINATOR_SUFFIX, STATS_SUFFIX
-    from utils.latents import stats_from_batchnorm
+    args = build_parser().parse_args(argv)
+    from weights.checkpoint import atomic_save
+    from weights.hub import DISCRIMINATOR_SUFFIX, STATS_SUFFIX
+    from weights.latent_stats import stats_from_batchnorm
 
-    checkpoint, arch = read_training_checkpoint(args.repae_ckpt)
+    checkpoint, kind = read_training_checkpoint(args.repae_ckpt)
     out_dir = Path(args.save_dir) / args.vae_name
-    outputs = {"latents_stats": out_dir / f"{args.vae_name}{STATS_SUFFIX}"}
-    if arch != DIFFUSERS_VAE:  # a diffusers VAE's weights mean nothing without its config: the folder holds both
-        outputs["vae"] = out_dir / f"{args.vae_name}.pt"
+    outputs = {"latents_stats": out_dir / f"{args.vae_name}{STATS_SUFFIX}",
+               **kind.export_outputs(out_dir, args.vae_name, args.diffusers)}
     if "discriminator" in checkpoint:
         outputs["discriminator"] = out_dir / f"{args.vae_name}{DISCRIMINATOR_SUFFIX}"
-    if args.diffusers or arch == DIFFUSERS_VAE:
-        outputs["diffusers"] = out_dir / "diffusers"
     existing = [str(path) for path in outputs.values() if path.exists()]
     if existing and not args.overwrite:
         raise UserError(f"refusing to overwrite {', '.join(existing)}: pass --overwrite")
 
     stats = stats_from_batchnorm(checkpoint["ema"]["bn.running_mean"], checkpoint["ema"]["bn.running_var"])
-    if "vae" in outputs:
-        atomic_save(checkpoint["vae"], outputs["vae"])
     atomic_save(stats, outputs["latents_stats"])
     if "discriminator" in outputs:
         atomic_save(checkpoint["discriminator"], outputs["discriminator"])
-    if "diffusers" in outputs:
-        export_diffusers(checkpoint, arch, stats, outputs["diffusers"], args.repae_ckpt)
-    for kind, path in outputs.items():
-        print(f"saved {kind}: {path}")
+    kind.export(checkpoint, stats, outputs, args.repae_ckpt)
+    for name, path in outputs.items():
+        print(f"saved {name}: {path}")
     return outputs
 
 

@@ -12,25 +12,18 @@ decodes the sample grids. Then the EMA of the SiT.
 
 Heavy libraries are imported inside the functions that use them, so that --help answers at once.
 """
-from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from utils.cli import training_parser
+from training.flags import training_parser
 from utils.errors import report_user_errors
 
-if TYPE_CHECKING:
-    import torch
 
-
-@dataclass
-class Nets:
-    """What a latent-diffusion step trains and uses, as accelerate prepared it."""
-    encoders: list  # frozen representation encoders
-    encoder_types: list
-    sit: torch.nn.Module
-    opt_sit: torch.optim.Optimizer
+def build_parser():
+    """Published train_ldm_only.py flags."""
+    parser = training_parser("SiT + REPA training on latents cached from a frozen VAE", model_default="SiT-XL/1",
+                             vae_default="f16d32", vae_ckpt_default="pretrained/e2e-vavae-400k/e2e-vavae-400k.pt")
+    ldm = parser.add_argument_group("latent diffusion")
+    ldm.add_argument("--vae-latents-name", type=str, default="e2e-vavae-400k",
+                     help="cached latents DATA_DIR/NAME.h5 written by cache_latents.py")
+    return parser
 
 
 def sample_posterior(moments):
@@ -41,11 +34,13 @@ def sample_posterior(moments):
     return mean + std * torch.randn_like(mean)
 
 
-def ldm_step(nets, raw_image, moments, labels, accelerator, guard, *, loss_kwargs, proj_coeff, max_grad_norm):
+def ldm_step(nets, raw_image, moments, labels, accelerator, guard, *, loss_kwargs, proj_coeff, max_grad_norm,
+             ema_decay):
     """One latent-diffusion step (module docstring); returns the step's metrics (tensors)."""
-    from utils.training import encoder_features, guarded_update, unwrap
+    from training.ema import update_ema
+    from training.step import guarded_update, unwrap
 
-    zs = encoder_features(nets.encoders, nets.encoder_types, raw_image, accelerator)
+    zs = nets.encoders.features(raw_image, accelerator)
     sit = nets.sit
     sit.train()
     unwrap(sit).bn.eval()  # the normalizer keeps the VAE's statistics
@@ -54,28 +49,36 @@ def ldm_step(nets, raw_image, moments, labels, accelerator, guard, *, loss_kwarg
         sit_loss = sit_outputs["denoising_loss"].mean() + proj_coeff * sit_outputs["proj_loss"].mean()
         grad_norm_sit = guarded_update(accelerator, sit_loss, sit.parameters(), nets.opt_sit, guard,
                                        "SiT loss/gradient", max_grad_norm)
+    if accelerator.sync_gradients:  # an optimization step ended
+        update_ema(nets.ema, unwrap(sit), ema_decay)
     return {"sit_loss": sit_loss, "denoising_loss": sit_outputs["denoising_loss"].mean(),
             "proj_loss": sit_outputs["proj_loss"].mean(), "grad_norm_sit": grad_norm_sit}
 
 
 def build(args, accelerator, dataset):
     """Frozen encoders and VAE, SiT (normalizer fixed at the VAE's statistics), EMA and optimizer, prepared; and
-    the data loader. Returns (nets, ema, vae, latent shape, loader, sampler)."""
+    the data loader. Returns (nets, vae, latent shape, loader, sampler)."""
 
-    from utils.ema import make_ema
-    from utils.encoder_weights import load_encoders
-    from utils.latents import latent_shape, load_vae, set_batchnorm_stats
-    from utils.training import build_sit, compile_modules, make_adamw, make_dataloader
+    from models.autoencoder import latent_shape
+    from models.sit import build_sit
+    from training.ema import make_ema
+    from training.nets import FrozenEncoders, SiTNets
+    from training.setup import make_dataloader
+    from training.step import compile_modules, make_adamw
+    from weights.encoders import load_encoders
+    from weights.latent_stats import set_batchnorm_stats
+    from weights.vae import load_vae
 
     device = accelerator.device
-    encoders, encoder_types, _ = load_encoders(args.enc_type, device, args.resolution, ckpt=args.enc_ckpt,
-                                               random_init=args.enc_random_init,
-                                               allow_torchscript=args.enc_allow_torchscript)
+    encoders = FrozenEncoders(*load_encoders(args.enc_type, device, args.resolution, ckpt=args.enc_ckpt,
+                                             random_init=args.enc_random_init,
+                                             allow_torchscript=args.enc_allow_torchscript)[:2])
     vae, latents_stats = load_vae(args.vae, args.vae_ckpt)
     vae = vae.to(device).eval().requires_grad_(False)
     shape = latent_shape(vae, args.resolution)
-    sit = build_sit(args.model, shape, encoders, num_classes=args.num_classes, cfg_prob=args.cfg_prob,
-                    encoder_depth=args.encoder_depth, qk_norm=args.qk_norm, fused_attn=args.fused_attn).to(device)
+    sit = build_sit(args.model, shape, encoders.embed_dims, num_classes=args.num_classes,
+                    cfg_prob=args.cfg_prob, encoder_depth=args.encoder_depth, qk_norm=args.qk_norm,
+                    fused_attn=args.fused_attn).to(device)
     sit.set_grad_checkpointing(args.grad_checkpointing)
     set_batchnorm_stats(sit.bn, latents_stats)
     ema = make_ema(sit)
@@ -86,22 +89,18 @@ def build(args, accelerator, dataset):
     if args.compile:
         (sit,) = compile_modules(sit)
     sit, optimizer = accelerator.prepare(sit, optimizer)
-    return Nets(encoders, encoder_types, sit, optimizer), ema, vae, shape, dataloader, sampler
+    return SiTNets(encoders, sit, ema, optimizer), vae, shape, dataloader, sampler
 
 
 def main(args):
     """Train a SiT with REPA on cached latents. Every input is checked before anything is built or written."""
     from accelerate.utils import set_seed
 
-    from utils.data import ImageLatentDataset
-    from utils.ema import update_ema
-    from utils.training import (
-        TrainingRun,
-        check_dataset,
-        sample_grid,
-        start_run,
-        unwrap,
-    )
+    from dataset.h5 import ImageLatentDataset
+    from training.run import TrainingRun
+    from training.sample_grid import sample_grid
+    from training.setup import check_dataset, start_run
+    from training.step import unwrap
 
     accelerator, exp_dir, resume_path = start_run(args)
     device = accelerator.device
@@ -110,13 +109,14 @@ def main(args):
                   num_processes=accelerator.num_processes)
 
     set_seed(args.seed)  # the same initial weights on every process
-    nets, ema, vae, shape, dataloader, sampler = build(args, accelerator, dataset)
+    nets, vae, shape, dataloader, sampler = build(args, accelerator, dataset)
     run = TrainingRun(accelerator, exp_dir, config=args, local_batch_size=dataloader.batch_size,
-                      max_train_steps=args.max_train_steps, max_nonfinite_steps=args.max_nonfinite_steps)
-    modules, optimizers = {"model": unwrap(nets.sit), "ema": ema}, {"opt": nets.opt_sit}
+                      max_train_steps=args.max_train_steps, max_nonfinite_steps=args.max_nonfinite_steps,
+                      modules={"model": unwrap(nets.sit), "ema": nets.ema}, optimizers={"opt": nets.opt_sit},
+                      keep_last_checkpoints=args.keep_last_checkpoints)
     set_seed(args.seed + accelerator.process_index)  # each process its own random stream
     if resume_path is not None:  # a checkpoint that does not fit these networks stops the run here
-        run.resume(resume_path, modules, optimizers, batches_per_epoch=len(dataloader), seed=args.seed,
+        run.resume(resume_path, batches_per_epoch=len(dataloader), seed=args.seed,
                    gradient_accumulation_steps=args.gradient_accumulation_steps)
     run.open(project="REPA-E")  # the first write: EXP, its args, log.txt, trackers
     run.logger.info(f"SiT parameters: {sum(p.numel() for p in nets.sit.parameters()):,}; {len(dataset):,} images "
@@ -124,39 +124,17 @@ def main(args):
 
     loss_kwargs = dict(path_type=args.path_type, prediction=args.prediction, weighting=args.weighting)
     for raw_image, moments, labels in run.batches(dataloader, sampler, args.epochs):
-        logs = ldm_step(nets, raw_image.to(device), moments.to(device), labels.to(device), accelerator, run.guard,
-                        loss_kwargs=loss_kwargs, proj_coeff=args.proj_coeff, max_grad_norm=args.max_grad_norm)
-        if not accelerator.sync_gradients:
+        logs = ldm_step(nets, raw_image.to(device), moments.to(device), labels.to(device), accelerator,
+                        run.guard, loss_kwargs=loss_kwargs, proj_coeff=args.proj_coeff,
+                        max_grad_norm=args.max_grad_norm, ema_decay=args.ema_decay)
+        if not run.end_step(logs, log_every=args.log_every, checkpoint_every=args.checkpointing_steps):
             continue  # accumulating: no optimization step yet
-        update_ema(ema, unwrap(nets.sit), args.ema_decay)
-        run.end_step(logs)
-
-        if run.step % args.log_every == 0:
-            run.log()
-        if run.step % args.checkpointing_steps == 0 or run.step == args.max_train_steps:
-            run.save_checkpoint(modules, optimizers, keep_last=args.keep_last_checkpoints)
         if run.step == 1 or run.step % args.sampling_steps == 0:
-            run.save_samples(sample_grid(ema, vae, accelerator, latent_shape=shape, num_images=args.sample_batch_size,
-                                         seed=args.seed, path_type=args.path_type))
-    run.finish()
+            run.save_samples(sample_grid(nets.ema, vae, accelerator, latent_shape=shape,
+                                         num_images=args.sample_batch_size, seed=args.seed, path_type=args.path_type))
+    run.finish()  # the last step is always checkpointed
     return run
 
 
-def make_parser():
-    """Published train_ldm_only.py flags."""
-    parser = training_parser("SiT + REPA training on latents cached from a frozen VAE", model_default="SiT-XL/1",
-                             vae_default="f16d32", vae_ckpt_default="pretrained/e2e-vavae-400k/e2e-vavae-400k.pt")
-    ldm = parser.add_argument_group("latent diffusion")
-    ldm.add_argument("--vae-latents-name", type=str, default="e2e-vavae-400k",
-                     help="cached latents DATA_DIR/NAME.h5 written by cache_latents.py")
-    ldm.add_argument("--cfg-prob", type=float, default=0.1, help="probability of dropping a label (for CFG)")
-    return parser
-
-
-def parse_args(input_args=None):
-    """The run's flags."""
-    return make_parser().parse_args(input_args)
-
-
 if __name__ == "__main__":
-    report_user_errors(main)(parse_args())
+    report_user_errors(main)(build_parser().parse_args())

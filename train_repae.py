@@ -20,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from utils.cli import repository_file, training_parser
+from training.flags import training_parser
+from training.nets import SiTNets
+from utils.cli import repository_file
 from utils.errors import report_user_errors
 
 if TYPE_CHECKING:
@@ -28,22 +30,54 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Nets:
-    """What a REPA-E step trains and uses, as accelerate prepared it."""
-    encoders: list  # frozen representation encoders
-    encoder_types: list
+class Nets(SiTNets):
+    """What a REPA-E step trains and uses, as accelerate prepared it: the SiT side, and the VAE, its regularizer
+    (which owns the discriminator) and their optimizers."""
     vae: torch.nn.Module
-    sit: torch.nn.Module
-    vae_loss_fn: torch.nn.Module  # the VAE regularizer; owns the discriminator
+    vae_loss_fn: torch.nn.Module
     opt_vae: torch.optim.Optimizer
     opt_disc: torch.optim.Optimizer
-    opt_sit: torch.optim.Optimizer
+
+
+def build_parser():
+    """Published train_repae.py flags, plus smoke-run and ablation switches."""
+    parser = training_parser("REPA-E end-to-end training of a SiT and its VAE", model_default="SiT-XL/2",
+                             vae_default="f8d4", vae_ckpt_default="pretrained/sdvae-f8d4/sdvae-f8d4.pt")
+    repae = parser.add_argument_group("end-to-end training")
+    repae.add_argument("--bn-momentum", type=float, default=0.1, help="momentum of the SiT's batch-norm normalizer")
+    repae.add_argument("--disc-pretrained-ckpt", type=str, default=None,
+                       help="discriminator weights: a path or a hub id (REPA-E/sdvae means its discriminator file)")
+    repae.add_argument("--loss-cfg-path", type=str, default="configs/l1_lpips_kl_gan.yaml",
+                       help="VAE regularizer config (relative paths also resolve against the repository)")
+    repae.add_argument("--vae-learning-rate", type=float, default=1e-4, help="VAE AdamW learning rate")
+    repae.add_argument("--disc-learning-rate", type=float, default=1e-4, help="discriminator AdamW learning rate")
+    repae.add_argument("--vae-align-proj-coeff", type=float, default=1.5,
+                       help="weight of the REPA loss in the VAE update")
+    repae.add_argument("--lpips-random-init", action="store_true",
+                       help="random LPIPS VGG trunk when its weights are not available offline (smoke runs)")
+    repae.add_argument("--diffusion-loss-to-vae", action="store_true",
+                       help="ablation: no stop-gradient, the diffusion loss also trains the VAE")
+    repae.add_argument("--freeze-vae", action="store_true",
+                       help="ablation: keep the VAE fixed (the REPA baseline with a batch-norm normalizer)")
+    repae.add_argument("--log-latent-stats", action="store_true",
+                       help="log per-channel mean and std of the latents (watch for latent collapse)")
+    return parser
+
+
+def parse_args(input_args=None):
+    """The run's flags; exclusive ablations are refused here."""
+    parser = build_parser()
+    args = parser.parse_args(input_args)
+    if args.freeze_vae and args.diffusion_loss_to_vae:
+        parser.error("--freeze-vae and --diffusion-loss-to-vae exclude each other")
+    return args
 
 
 def latent_channel_stats(z):
     """Per-channel mean and std of a latent batch, the signal of the latent collapse the paper describes."""
-    z = z.detach().float()
-    mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
+    from weights.latent_stats import LatentMoments
+
+    mean, std = (value.float() for value in LatentMoments().update(z).mean_std())
     logs = {f"latent_mean/c{i}": m for i, m in enumerate(mean)}
     logs.update({f"latent_std/c{i}": s for i, s in enumerate(std)})
     logs["latent_std_min"] = std.min()
@@ -55,20 +89,21 @@ def loss_buffers(vae_loss_fn):
     return dict(vae_loss_fn.named_buffers(recurse=False))
 
 
-def repae_step(nets, raw_image, labels, step, accelerator, guard, *, loss_kwargs, proj_coeff, vae_align_proj_coeff,
-               max_grad_norm, freeze_vae=False, diffusion_loss_to_vae=False, log_latent_stats=False):
+def repae_step(nets, raw_image, labels, step, accelerator, guard, *, loss_kwargs, proj_coeff,
+               vae_align_proj_coeff, max_grad_norm, ema_decay, freeze_vae=False, diffusion_loss_to_vae=False,
+               log_latent_stats=False):
     """One REPA-E step (module docstring) on uint8 images and labels; returns the step's metrics (tensors).
 
     Its parts are labelled `repae/...` for torch.profiler (bench/bench_step.py times them so)."""
     import torch
     from torch.profiler import record_function
 
-    from utils.ema import requires_grad
-    from utils.latents import preprocess_imgs_vae
-    from utils.training import encoder_features, guarded_update
+    from models.autoencoder import preprocess_imgs_vae
+    from training.ema import requires_grad, update_ema
+    from training.step import guarded_update, unwrap
 
     with record_function("repae/encoder_features"):
-        zs = encoder_features(nets.encoders, nets.encoder_types, raw_image, accelerator)
+        zs = nets.encoders.features(raw_image, accelerator)
     sit, vae = nets.sit, nets.vae
     vae.train(not freeze_vae)
     logs = {}
@@ -110,6 +145,9 @@ def repae_step(nets, raw_image, labels, step, accelerator, guard, *, loss_kwargs
             sit_loss = sit_outputs["denoising_loss"].mean() + proj_coeff * sit_outputs["proj_loss"].mean()
             logs["grad_norm_sit"] = guarded_update(accelerator, sit_loss, sit.parameters(), nets.opt_sit, guard,
                                                    "SiT loss/gradient", max_grad_norm)
+    if accelerator.sync_gradients:  # an optimization step ended
+        with record_function("repae/ema"):
+            update_ema(nets.ema, unwrap(sit), ema_decay)
     logs.update(sit_loss=sit_loss, denoising_loss=sit_outputs["denoising_loss"].mean(),
                 proj_loss=sit_outputs["proj_loss"].mean(), vae_align_loss=vae_align["proj_loss"].mean())
     if log_latent_stats:
@@ -123,20 +161,25 @@ def build(args, accelerator, dataset, loss_config):
     import warnings
 
     from loss.vae_loss import ReconstructionLoss_Single_Stage
-    from utils.checkpoint import load_file, load_state_dict_strict
-    from utils.ema import make_ema
-    from utils.encoder_weights import load_encoders
-    from utils.hub import resolve_weights
-    from utils.latents import estimate_latents_stats, latent_shape, load_vae, set_batchnorm_stats
-    from utils.training import build_sit, compile_modules, make_adamw, make_dataloader, sync_batchnorm
+    from models.autoencoder import latent_shape
+    from models.sit import build_sit
+    from training.ema import make_ema
+    from training.nets import FrozenEncoders
+    from training.setup import make_dataloader
+    from training.step import compile_modules, make_adamw, sync_batchnorm
+    from weights.checkpoint import load_file, load_state_dict_strict
+    from weights.encoders import load_encoders
+    from weights.hub import resolve_weights
+    from weights.latent_stats import estimate_latents_stats, set_batchnorm_stats
+    from weights.vae import load_vae
 
     device = accelerator.device
-    encoders, encoder_types, _ = load_encoders(args.enc_type, device, args.resolution, ckpt=args.enc_ckpt,
-                                               random_init=args.enc_random_init,
-                                               allow_torchscript=args.enc_allow_torchscript)
+    encoders = FrozenEncoders(*load_encoders(args.enc_type, device, args.resolution, ckpt=args.enc_ckpt,
+                                             random_init=args.enc_random_init,
+                                             allow_torchscript=args.enc_allow_torchscript)[:2])
     vae, latents_stats = load_vae(args.vae, args.vae_ckpt, require_stats=False)
     vae = vae.to(device)
-    sit = build_sit(args.model, latent_shape(vae, args.resolution), encoders,
+    sit = build_sit(args.model, latent_shape(vae, args.resolution), encoders.embed_dims,
                     num_classes=args.num_classes, cfg_prob=args.cfg_prob, encoder_depth=args.encoder_depth,
                     bn_momentum=args.bn_momentum, qk_norm=args.qk_norm, fused_attn=args.fused_attn).to(device)
     if args.grad_checkpointing:
@@ -172,25 +215,22 @@ def build(args, accelerator, dataset, loss_config):
         sit, vae, vae_loss_fn = compile_modules(sit, vae, vae_loss_fn)
     sit, vae, vae_loss_fn, opt_sit, opt_vae, opt_disc = accelerator.prepare(
         sit, vae, vae_loss_fn, opt_sit, opt_vae, opt_disc)
-    nets = Nets(encoders, encoder_types, vae, sit, vae_loss_fn, opt_vae, opt_disc, opt_sit)
-    return nets, ema, dataloader, sampler
+    nets = Nets(encoders=encoders, sit=sit, ema=ema, opt_sit=opt_sit, vae=vae, vae_loss_fn=vae_loss_fn,
+                opt_vae=opt_vae, opt_disc=opt_disc)
+    return nets, dataloader, sampler
 
 
 def main(args):
     """Train SiT and VAE end to end. Every input is checked before anything is built or written."""
     from accelerate.utils import set_seed
 
-    from utils.data import ImageDataset
-    from utils.ema import update_ema
-    from utils.latents import latent_shape, vae_checkpoint_entries
-    from utils.training import (
-        TrainingRun,
-        check_dataset,
-        load_loss_config,
-        sample_grid,
-        start_run,
-        unwrap,
-    )
+    from dataset.h5 import ImageDataset
+    from models.autoencoder import latent_shape
+    from training.run import TrainingRun
+    from training.sample_grid import sample_grid
+    from training.setup import check_dataset, load_loss_config, start_run
+    from training.step import unwrap
+    from weights.vae import vae_checkpoint_entries
 
     accelerator, exp_dir, resume_path = start_run(args)
     loss_config = load_loss_config(repository_file(args.loss_cfg_path, "--loss-cfg-path"), "--loss-cfg-path")
@@ -199,17 +239,20 @@ def main(args):
                   num_processes=accelerator.num_processes)
 
     set_seed(args.seed)  # the same initial weights on every process
-    nets, ema, dataloader, sampler = build(args, accelerator, dataset, loss_config)
+    nets, dataloader, sampler = build(args, accelerator, dataset, loss_config)
     grid_latent_shape = latent_shape(unwrap(nets.vae), args.resolution)
-    run = TrainingRun(accelerator, exp_dir, config=args, local_batch_size=dataloader.batch_size,
-                      max_train_steps=args.max_train_steps, max_nonfinite_steps=args.max_nonfinite_steps)
     # Checkpoint keys of the published layout; the regularizer's own buffers (LeCam statistics) ride along.
-    modules = {"model": unwrap(nets.sit), "ema": ema, "vae": unwrap(nets.vae),
-               "discriminator": unwrap(nets.vae_loss_fn).discriminator}
-    optimizers = {"opt": nets.opt_sit, "opt_vae": nets.opt_vae, "opt_disc": nets.opt_disc}
+    run = TrainingRun(accelerator, exp_dir, config=args, local_batch_size=dataloader.batch_size,
+                      max_train_steps=args.max_train_steps, max_nonfinite_steps=args.max_nonfinite_steps,
+                      modules={"model": unwrap(nets.sit), "ema": nets.ema, "vae": unwrap(nets.vae),
+                               "discriminator": unwrap(nets.vae_loss_fn).discriminator},
+                      optimizers={"opt": nets.opt_sit, "opt_vae": nets.opt_vae, "opt_disc": nets.opt_disc},
+                      keep_last_checkpoints=args.keep_last_checkpoints,
+                      checkpoint_extra={"vae_loss_buffers": loss_buffers(unwrap(nets.vae_loss_fn)),
+                                        **vae_checkpoint_entries(args.vae, unwrap(nets.vae))})
     set_seed(args.seed + accelerator.process_index)  # each process its own random stream
     if resume_path is not None:  # a checkpoint that does not fit these networks stops the run here
-        checkpoint = run.resume(resume_path, modules, optimizers, batches_per_epoch=len(dataloader), seed=args.seed,
+        checkpoint = run.resume(resume_path, batches_per_epoch=len(dataloader), seed=args.seed,
                                 gradient_accumulation_steps=args.gradient_accumulation_steps)
         for name, buffer in loss_buffers(unwrap(nets.vae_loss_fn)).items():
             buffer.copy_(checkpoint.get("vae_loss_buffers", {}).get(name, buffer))
@@ -223,60 +266,16 @@ def main(args):
         logs = repae_step(nets, raw_image.to(accelerator.device), labels.to(accelerator.device), run.step,
                           accelerator, run.guard, loss_kwargs=loss_kwargs, proj_coeff=args.proj_coeff,
                           vae_align_proj_coeff=args.vae_align_proj_coeff, max_grad_norm=args.max_grad_norm,
-                          freeze_vae=args.freeze_vae, diffusion_loss_to_vae=args.diffusion_loss_to_vae,
-                          log_latent_stats=args.log_latent_stats)
-        if not accelerator.sync_gradients:
+                          ema_decay=args.ema_decay, freeze_vae=args.freeze_vae,
+                          diffusion_loss_to_vae=args.diffusion_loss_to_vae, log_latent_stats=args.log_latent_stats)
+        if not run.end_step(logs, log_every=args.log_every, checkpoint_every=args.checkpointing_steps):
             continue  # accumulating: no optimization step yet
-        update_ema(ema, unwrap(nets.sit), args.ema_decay)
-        run.end_step(logs)
-
-        if run.step % args.log_every == 0:
-            run.log()
-        if run.step % args.checkpointing_steps == 0 or run.step == args.max_train_steps:
-            run.save_checkpoint(modules, optimizers, keep_last=args.keep_last_checkpoints,
-                                extra={"vae_loss_buffers": loss_buffers(unwrap(nets.vae_loss_fn)),
-                                       **vae_checkpoint_entries(unwrap(nets.vae))})
         if run.step == 1 or run.step % args.sampling_steps == 0:
-            run.save_samples(sample_grid(ema, unwrap(nets.vae), accelerator, latent_shape=grid_latent_shape,
+            run.save_samples(sample_grid(nets.ema, unwrap(nets.vae), accelerator, latent_shape=grid_latent_shape,
                                          num_images=args.sample_batch_size, seed=args.seed,
                                          path_type=args.path_type))
-    run.finish()
+    run.finish()  # the last step is always checkpointed
     return run
-
-
-def make_parser():
-    """Published train_repae.py flags, plus smoke-run and ablation switches."""
-    parser = training_parser("REPA-E end-to-end training of a SiT and its VAE", model_default="SiT-XL/2",
-                             vae_default="f8d4", vae_ckpt_default="pretrained/sdvae-f8d4/sdvae-f8d4.pt")
-    repae = parser.add_argument_group("end-to-end training")
-    repae.add_argument("--bn-momentum", type=float, default=0.1, help="momentum of the SiT's batch-norm normalizer")
-    repae.add_argument("--cfg-prob", type=float, default=0.1, help="probability of dropping a label (for CFG)")
-    repae.add_argument("--disc-pretrained-ckpt", type=str, default=None,
-                       help="discriminator weights: a path or a hub id (REPA-E/sdvae means its discriminator file)")
-    repae.add_argument("--loss-cfg-path", type=str, default="configs/l1_lpips_kl_gan.yaml",
-                       help="VAE regularizer config (relative paths also resolve against the repository)")
-    repae.add_argument("--vae-learning-rate", type=float, default=1e-4, help="VAE AdamW learning rate")
-    repae.add_argument("--disc-learning-rate", type=float, default=1e-4, help="discriminator AdamW learning rate")
-    repae.add_argument("--vae-align-proj-coeff", type=float, default=1.5,
-                       help="weight of the REPA loss in the VAE update")
-    repae.add_argument("--lpips-random-init", action="store_true",
-                       help="random LPIPS VGG trunk when its weights are not available offline (smoke runs)")
-    repae.add_argument("--diffusion-loss-to-vae", action="store_true",
-                       help="ablation: no stop-gradient, the diffusion loss also trains the VAE")
-    repae.add_argument("--freeze-vae", action="store_true",
-                       help="ablation: keep the VAE fixed (the REPA baseline with a batch-norm normalizer)")
-    repae.add_argument("--log-latent-stats", action="store_true",
-                       help="log per-channel mean and std of the latents (watch for latent collapse)")
-    return parser
-
-
-def parse_args(input_args=None):
-    """The run's flags; exclusive ablations are refused here."""
-    parser = make_parser()
-    args = parser.parse_args(input_args)
-    if args.freeze_vae and args.diffusion_loss_to_vae:
-        parser.error("--freeze-vae and --diffusion-loss-to-vae exclude each other")
-    return args
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ each component is stretched between its 1st and 99th percentile, and its sign fi
 import argparse
 from pathlib import Path
 
-from utils.cli import HelpFormatter, add_vae_eval_flags
+from evaluation.flags import add_vae_eval_flags
+from utils.cli import HelpFormatter, non_negative_int, positive_int
 from utils.errors import UserError, report_user_errors
 
 HEADER_HEIGHT = 14  # a row of column titles above the grid
@@ -20,21 +21,13 @@ def build_parser():
     """The command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_vae_eval_flags(parser)
-    parser.add_argument("--num-images", type=int, default=8, help="rows: this many images")
-    parser.add_argument("--start-index", type=int, default=0, help="index in images.h5 of the first image shown")
+    parser.add_argument("--num-images", type=positive_int, default=8, help="rows: this many images")
+    parser.add_argument("--start-index", type=non_negative_int, default=0,
+                        help="index in images.h5 of the first image shown")
     parser.add_argument("--output", type=str, default="latents_pca.png", help="PNG file to write")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a random VAE ('none')")
     return parser
-
-
-def parse_args(argv=None):
-    """Parse and check the command-line flags."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.num_images <= 0 or args.start_index < 0:
-        parser.error("--num-images must be positive and --start-index non-negative")
-    return args
 
 
 def pca_rgb(latents):
@@ -59,7 +52,7 @@ def latent_pictures(vae, images, device):
     import torch
     import torch.nn.functional as F
 
-    from utils.latents import preprocess_imgs_vae
+    from models.autoencoder import preprocess_imgs_vae
 
     with torch.no_grad():
         latents = vae.encode(preprocess_imgs_vae(images.to(device))).mode()
@@ -86,9 +79,9 @@ def run(args):
     """Encode the images with every VAE and write the grid; returns its path."""
     import torch
 
-    from utils.data import ImageDataset
-    from utils.evaluation import load_vaes
+    from dataset.h5 import ImageDataset
     from utils.files import atomic_write
+    from weights.vae import load_vaes
 
     dataset = ImageDataset(args.data_dir)
     vaes = load_vaes(args.vae, args.vae_ckpt, dataset.image_size, args.seed)
@@ -110,7 +103,7 @@ def run(args):
 
 def main(argv=None):
     """Parse flags, write the grid; returns its path."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     output = run(args)
     print(f"Wrote {output} (rows: images; columns: input, {', '.join(args.vae_ckpt)})")
     return output

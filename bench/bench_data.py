@@ -1,5 +1,5 @@
 """Data throughput: images/s from images.h5 and latents/s from cached latents through the trainers' data loader
-(utils.training.make_dataloader over utils.data.ImageDataset / ImageLatentDataset) with N workers, and the images/s
+(training.setup.make_dataloader over dataset.h5.ImageDataset / ImageLatentDataset) with N workers, and the images/s
 of a whole cache_latents.py run.
 
     python bench/bench_data.py                      # 128 px, batch 32, 0 and 2 workers, cache_latents with f8d4
@@ -21,16 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import harness  # noqa: E402
 
 
-def make_parser():
+def build_parser():
     """The bench's flags."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.bench_parser(__doc__, "timed passes per row")
     parser.add_argument("--resolution", type=int, default=128, help="image side in pixels")
     parser.add_argument("--images", type=int, default=256, help="images in the loaders' data set")
     parser.add_argument("--batch-size", type=int, default=32, help="loader batch size")
     parser.add_argument("--workers", default="0,2", help="comma list of loader worker counts")
     parser.add_argument("--vae", default="f8d4", help="VAE layout cache_latents.py encodes with")
     parser.add_argument("--cache-images", type=int, default=16, help="images cache_latents.py encodes")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes per row")
     parser.add_argument("--work-dir", default="/tmp/repae-bench", help="where the bench data sets are made and kept")
     parser.add_argument("--child", choices=["images", "latents"], help=argparse.SUPPRESS)
     parser.add_argument("--num-workers", type=int, help=argparse.SUPPRESS)
@@ -40,8 +39,8 @@ def make_parser():
 
 def loader_rows(args):
     """One row: full passes of the trainers' loader over the data set."""
-    from utils.data import ImageDataset, ImageLatentDataset
-    from utils.training import make_accelerator, make_dataloader
+    from dataset.h5 import ImageDataset, ImageLatentDataset
+    from training.setup import make_accelerator, make_dataloader
 
     accelerator = make_accelerator(mixed_precision="no", gradient_accumulation_steps=1, report_to="none",
                                    logging_dir=Path(args.work_dir) / "logs")
@@ -88,12 +87,13 @@ def cache_latents_row(args, data_dir, vae_file):
 
 def main(argv=None):
     """Print the table (parent) or measure one loader row and hand it back (child)."""
-    args = make_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.child:
         harness.emit(loader_rows(args))
         return
     work = Path(args.work_dir)
-    loader_data, _ = harness.make_bench_data(work, resolution=args.resolution, images=args.images, vae="f8d4-tiny")
+    loader_data, _ = harness.make_bench_data(work, resolution=args.resolution, images=args.images, vae="f8d4-tiny",
+                                             latents=True)
     cache_data, vae_file = harness.make_bench_data(work, resolution=args.resolution, images=args.cache_images,
                                                    vae=args.vae)
     rows = []
@@ -104,7 +104,7 @@ def main(argv=None):
                 str(args.batch_size), "--repeats", str(args.repeats), "--resolution", str(args.resolution),
                 "--work-dir", args.work_dir])
     rows.append(cache_latents_row(args, cache_data, vae_file))
-    harness.print_table("data (utils.training.make_dataloader, cache_latents.py)", rows)
+    harness.print_table("data (training.setup.make_dataloader, cache_latents.py)", rows)
     print(f"command: python bench/bench_data.py {' '.join(sys.argv[1:] if argv is None else argv)}")
 
 

@@ -3,6 +3,7 @@ per-device batch that fits a memory budget.
 
     python bench/bench_memory.py                            # 128 px, SiT-B/2, f8d4, DINOv2-B, batches 2 and 4
     python bench/bench_memory.py --batch-sizes 2,4,8 --budget-gib 12 --verify
+    python bench/bench_memory.py --switches on              # with --grad-checkpointing only
 
 Each (batch, switch) runs in a fresh process that builds the networks with train_repae.build and runs two
 train_repae.repae_step + EMA updates (the functions bench_step.py times; the first step also allocates gradients
@@ -18,15 +19,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import bench_step, harness  # noqa: E402
+from utils.cli import HelpFormatter  # noqa: E402
 
 SWITCHES = ("off", "on")
 
 
-def make_parser():
+def build_parser():
     """The bench's flags."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--resolution", type=int, default=128, help="image side in pixels")
     parser.add_argument("--batch-sizes", default="2,4", help="comma list of per-device batches to measure")
+    parser.add_argument("--switches", default=",".join(SWITCHES),
+                        help="comma list of the --grad-checkpointing settings to measure (off,on)")
     parser.add_argument("--model", default="SiT-B/2", help="SiT size")
     parser.add_argument("--vae", default="f8d4", help="VAE layout")
     parser.add_argument("--enc-type", default="dinov2-vit-b", help="frozen representation encoder")
@@ -53,12 +57,12 @@ def memory_mib():
 
 def measure_child(args):
     """Build, two steps; the memory figures of this process."""
-    step_args = bench_step.make_parser().parse_args([
+    step_args = bench_step.build_parser().parse_args([
         "--resolution", str(args.resolution), "--batch-size", str(args.child), "--model", args.model, "--vae",
         args.vae, "--enc-type", args.enc_type, "--encoder-depth", str(args.encoder_depth), "--mixed-precision",
         args.mixed_precision, "--work-dir", args.work_dir, "--data-dir", args.data_dir]
         + (["--grad-checkpointing"] if args.grad_checkpointing else []))
-    step = bench_step.repae_steps(step_args)["current"]
+    step = bench_step.repae_steps(step_args)["default"]
     built, _ = memory_mib()
     step()
     step()
@@ -78,36 +82,51 @@ def run(args, batch, switch):
     return harness.run_child(Path(__file__), [str(a) for a in argv])
 
 
+def step_mib(row):
+    """What the steps added to the built networks' memory."""
+    return row["peak_mib"] - row["built_mib"]
+
+
 def fit_peak(rows, budget_mib):
-    """(fixed MiB, MiB per image, largest batch within budget_mib) of the straight line through the rows' peaks."""
+    """(fixed MiB, MiB per image, largest batch within budget_mib) of the straight line through the rows' peaks;
+    the batch is None when the peak does not grow with the batch."""
     per_image, fixed = statistics.linear_regression([row["batch"] for row in rows], [row["peak_mib"] for row in rows])
-    return fixed, per_image, int((budget_mib - fixed) // per_image)
+    return fixed, per_image, int((budget_mib - fixed) // per_image) if per_image > 0 else None
 
 
 def main(argv=None):
     """Print the table (parent) or measure one (batch, switch) and hand it back (child)."""
-    args = make_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.child:
         harness.emit(measure_child(args))
         return
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    results = {switch: [run(args, batch, switch) for batch in batches] for switch in SWITCHES}
-    print(f"\n## REPA-E step memory, --grad-checkpointing off/on  ({results['off'][0]['device']})")
+    switches = args.switches.split(",")
+    if not set(switches) <= set(SWITCHES):
+        sys.exit(f"--switches takes a comma list of {', '.join(SWITCHES)}")
+    results = {switch: [run(args, batch, switch) for batch in batches] for switch in switches}
+    print(f"\n## REPA-E step memory, --grad-checkpointing {'/'.join(switches)}  "
+          f"({results[switches[0]][0]['device']})")
     print(f"{args.model} {args.vae} {args.enc_type} {args.resolution}px {args.mixed_precision}; MiB")
     print(f"{'batch':>5s} {'switch':>6s} {'built':>8s} {'peak':>8s} {'step':>8s} {'peak cut':>9s} {'step cut':>9s}")
-    for off, on in zip(results["off"], results["on"]):
-        step_off, step_on = off["peak_mib"] - off["built_mib"], on["peak_mib"] - on["built_mib"]
-        cuts = {"off": ("", ""), "on": (f"{100 * (1 - on['peak_mib'] / off['peak_mib']):.1f}%",
-                                        f"{100 * (1 - step_on / step_off):.1f}%")}
-        for switch, row in (("off", off), ("on", on)):
+    for i in range(len(batches)):
+        for switch in switches:
+            row, cuts = results[switch][i], ("", "")
+            if switch == "on" and "off" in results:
+                off = results["off"][i]
+                cuts = (f"{100 * (1 - row['peak_mib'] / off['peak_mib']):.1f}%",
+                        f"{100 * (1 - step_mib(row) / step_mib(off)):.1f}%")
             print(f"{row['batch']:5d} {switch:>6s} {row['built_mib']:8.0f} {row['peak_mib']:8.0f} "
-                  f"{row['peak_mib'] - row['built_mib']:8.0f} {cuts[switch][0]:>9s} {cuts[switch][1]:>9s}")
+                  f"{step_mib(row):8.0f} {cuts[0]:>9s} {cuts[1]:>9s}")
     if len(batches) > 1:
         budget = args.budget_gib * 1024
-        for switch in SWITCHES:
+        for switch in switches:
             fixed, per_image, batch = fit_peak(results[switch], budget)
-            line = (f"--grad-checkpointing {switch}: peak = {fixed:.0f} MiB + {per_image:.0f} MiB per image; "
-                    f"largest batch within {args.budget_gib:g} GiB: {batch} (fitted)")
+            line = f"--grad-checkpointing {switch}: peak = {fixed:.0f} MiB + {per_image:.0f} MiB per image; "
+            if batch is None:
+                print(line + "the peak does not grow with the batch")
+                continue
+            line += f"largest batch within {args.budget_gib:g} GiB: {batch} (fitted)"
             if args.verify and batch > 0:
                 peak = run(args, batch, switch)["peak_mib"]
                 line += f", measured peak at batch {batch}: {peak:.0f} MiB ({'within' if peak <= budget else 'over'})"

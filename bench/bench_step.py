@@ -2,7 +2,7 @@
 train_ldm_only.ldm_step, each followed by the loop's EMA update, on networks made by the trainers' own `build`.
 
     python bench/bench_step.py                              # 128 px, batch 2, SiT-B/2, f8d4, DINOv2-B, fp32, eager
-    python bench/bench_step.py --configs current,baseline   # the start-of-issue settings, timed alternately
+    python bench/bench_step.py --configs default,loop-adamw-vae-ckpt   # both step configurations, alternately
     python bench/bench_step.py --grad-checkpointing         # activation checkpointing switch of the trainers
     python bench/bench_step.py --profile                    # where one REPA-E step spends its time, by operator
     python bench/bench_step.py --resolution 256 --batch-size 32 --model SiT-XL/2 --mixed-precision bf16 --compile
@@ -12,10 +12,12 @@ made by preprocessing.py (and, for the LDM step, latents cached by cache_latents
 Each step row runs in a fresh process. Per-part times come from the step's own `repae/...` profiler ranges:
 while timing, torch.profiler.record_function is wrapped so that each range also keeps its seconds and FLOPs.
 
-The `baseline` configuration emulates the state at the start of issue 12 (commit e12b15c) with switches of the
-current code: activation checkpointing of every VAE residual block, torch.optim.AdamW with foreach=False and
-fused=False, and every metric read to the host after every step (log every step). It cannot restore the old
-per-update host reads of the non-finite guard, nor any other change to the step's code since then.
+Configurations (--configs), on the same networks and batch:
+  default               the trainers' step: fused AdamW that takes the non-finite guard's verdict on the device,
+                        metrics left on the device, VAE activation checkpointing only with --grad-checkpointing.
+  loop-adamw-vae-ckpt   torch.optim.AdamW(foreach=False, fused=False), the per-parameter loop, which reads the
+                        guard's verdict on the host before each update; activation checkpointing of every VAE
+                        residual block; every metric read to the host after each step.
 """
 import argparse
 import collections
@@ -27,15 +29,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import harness  # noqa: E402
+from utils.host_reads import count_host_reads  # noqa: E402
 
 PARTS = ("repae/encoder_features", "repae/vae_forward", "repae/vae_update", "repae/discriminator_update",
-         "repae/sit_update", "loop/ema")
-CONFIGS = ("current", "baseline")
+         "repae/sit_update", "repae/ema")
+CONFIGS = ("default", "loop-adamw-vae-ckpt")
 
 
-def make_parser():
+def build_parser():
     """The bench's flags."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.bench_parser(__doc__, "timed steps per configuration")
     parser.add_argument("--resolution", type=int, default=128, help="image side in pixels")
     parser.add_argument("--batch-size", type=int, default=2, help="images per step (one process)")
     parser.add_argument("--model", default="SiT-B/2", help="SiT size")
@@ -45,13 +48,13 @@ def make_parser():
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile")
     parser.add_argument("--grad-checkpointing", action="store_true", help="the trainers' activation checkpointing")
-    parser.add_argument("--configs", default="current", help="comma list of current,baseline (timed alternately)")
+    parser.add_argument("--configs", default="default",
+                        help=f"comma list of {','.join(CONFIGS)} (timed alternately)")
     parser.add_argument("--rows", default="repae,ldm", help="comma list of repae,ldm")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--work-dir", default="/tmp/repae-bench", help="where the bench data set is made and kept")
     parser.add_argument("--profile", action="store_true",
-                        help="instead of the table: torch.profiler's busiest operators in one current REPA-E step")
+                        help="instead of the table: torch.profiler's busiest operators in one default REPA-E step")
     parser.add_argument("--child", choices=["repae", "ldm"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--vae-file", help=argparse.SUPPRESS)
@@ -117,7 +120,7 @@ def measure(step_fns, args, name):
     counted = {}
     for config, step_fn in step_fns.items():
         seconds, flops = collections.defaultdict(list), {}
-        with harness.count_host_reads() as reads, FlopCounterMode(display=False) as mode, \
+        with count_host_reads() as reads, FlopCounterMode(display=False) as mode, \
                 timed_ranges(seconds, flops, mode):
             step_fn()
         counted[config] = dict(flops=mode.get_total_flops(), parts=flops, host_reads=reads["reads"])
@@ -146,15 +149,15 @@ def measure(step_fns, args, name):
 
 def accelerator_for(args):
     """The trainers' accelerator for the bench's precision."""
-    from utils.training import make_accelerator
+    from training.setup import make_accelerator
 
     return make_accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=1, report_to="none",
                             logging_dir=Path(args.work_dir) / "logs")
 
 
 def host_guarded_adamw():
-    """torch.optim.AdamW that reads the guard's verdict on the host and skips a non-finite update itself, as the
-    optimizers at the start of the issue did (the per-parameter loop AdamW refuses a device-side found_inf)."""
+    """torch.optim.AdamW that reads the guard's verdict on the host and skips a non-finite update itself (the
+    per-parameter loop AdamW refuses a device-side found_inf)."""
     import torch
 
     class HostGuardedAdamW(torch.optim.AdamW):
@@ -169,8 +172,8 @@ def host_guarded_adamw():
     return HostGuardedAdamW
 
 
-def baseline_nets(nets, accelerator, targs):
-    """The same networks with plain (per-parameter loop) AdamW optimizers, as at the start of the issue."""
+def loop_adamw_nets(nets, accelerator, targs):
+    """The same networks with per-parameter loop AdamW optimizers that read the guard's verdict on the host."""
     import dataclasses
 
     adamw = host_guarded_adamw()
@@ -193,31 +196,29 @@ def repae_steps(args):
     from accelerate.utils import set_seed
 
     import train_repae
-    from utils.data import ImageDataset
-    from utils.ema import update_ema
-    from utils.guard import NonFiniteGuard
-    from utils.training import load_loss_config, unwrap
+    from dataset.h5 import ImageDataset
+    from training.guard import NonFiniteGuard
+    from training.setup import load_loss_config
+    from training.step import unwrap
 
     targs = train_repae.parse_args(training_argv(args, args.data_dir, ["--vae-ckpt", "none", "--lpips-random-init"]))
     accelerator = accelerator_for(args)
     loss_config = load_loss_config(harness.ROOT / targs.loss_cfg_path, "--loss-cfg-path")
     set_seed(0)
-    nets, ema, loader, _ = train_repae.build(targs, accelerator, ImageDataset(args.data_dir), loss_config)
+    nets, loader, _ = train_repae.build(targs, accelerator, ImageDataset(args.data_dir), loss_config)
     raw_image, labels = (t.to(accelerator.device) for t in next(iter(loader)))
     guard, step = NonFiniteGuard(), [0]
     loss_kwargs = dict(path_type=targs.path_type, prediction=targs.prediction, weighting=targs.weighting)
-    variants = {"current": nets, "baseline": baseline_nets(nets, accelerator, targs)}
+    variants = {"default": nets, "loop-adamw-vae-ckpt": loop_adamw_nets(nets, accelerator, targs)}
 
     def step_fn(config):
         def run():
-            unwrap(nets.vae).set_grad_checkpointing(config == "baseline" or args.grad_checkpointing)
+            unwrap(nets.vae).set_grad_checkpointing(config == "loop-adamw-vae-ckpt" or args.grad_checkpointing)
             logs = train_repae.repae_step(variants[config], raw_image, labels, step[0], accelerator, guard,
                                           loss_kwargs=loss_kwargs, proj_coeff=targs.proj_coeff,
                                           vae_align_proj_coeff=targs.vae_align_proj_coeff,
-                                          max_grad_norm=targs.max_grad_norm)
-            with torch.profiler.record_function("loop/ema"):  # looked up now: timed_ranges may wrap it
-                update_ema(ema, unwrap(nets.sit), targs.ema_decay)
-            if config == "baseline":
+                                          max_grad_norm=targs.max_grad_norm, ema_decay=targs.ema_decay)
+            if config == "loop-adamw-vae-ckpt":
                 {name: value.item() for name, value in logs.items() if value is not None}
             step[0] += 1
         return run
@@ -233,32 +234,27 @@ def repae_rows(args):
 
 def ldm_rows(args):
     """Rows of train_ldm_only.ldm_step + EMA on cached latents."""
-    import torch.profiler
     from accelerate.utils import set_seed
 
     import train_ldm_only
-    from utils.data import ImageLatentDataset
-    from utils.ema import update_ema
-    from utils.guard import NonFiniteGuard
-    from utils.training import unwrap
+    from dataset.h5 import ImageLatentDataset
+    from training.guard import NonFiniteGuard
 
-    targs = train_ldm_only.parse_args(training_argv(
+    targs = train_ldm_only.build_parser().parse_args(training_argv(
         args, args.data_dir, ["--vae-ckpt", args.vae_file, "--vae-latents-name", "bench-vae"]))
     accelerator = accelerator_for(args)
     set_seed(0)
-    nets, ema, _, _, loader, _ = train_ldm_only.build(targs, accelerator,
-                                                      ImageLatentDataset(args.data_dir, "bench-vae"))
+    nets, _, _, loader, _ = train_ldm_only.build(targs, accelerator, ImageLatentDataset(args.data_dir, "bench-vae"))
     raw_image, moments, labels = (t.to(accelerator.device) for t in next(iter(loader)))
     guard = NonFiniteGuard()
     loss_kwargs = dict(path_type=targs.path_type, prediction=targs.prediction, weighting=targs.weighting)
 
     def run():
         train_ldm_only.ldm_step(nets, raw_image, moments, labels, accelerator, guard, loss_kwargs=loss_kwargs,
-                                proj_coeff=targs.proj_coeff, max_grad_norm=targs.max_grad_norm)
-        with torch.profiler.record_function("loop/ema"):  # looked up now: timed_ranges may wrap it
-            update_ema(ema, unwrap(nets.sit), targs.ema_decay)
+                                proj_coeff=targs.proj_coeff, max_grad_norm=targs.max_grad_norm,
+                                ema_decay=targs.ema_decay)
 
-    return measure({"current": run}, args, "LDM-only step + EMA")
+    return measure({"default": run}, args, "LDM-only step + EMA")
 
 
 def print_profile(args):
@@ -266,8 +262,8 @@ def print_profile(args):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    args.configs = "current"
-    step_fn = repae_steps(args)["current"]
+    args.configs = "default"
+    step_fn = repae_steps(args)["default"]
     step_fn()
     cuda = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -281,7 +277,7 @@ def child_argv(args, row, data_dir, vae_file):
     """This script's flags for the child process that measures `row`."""
     argv = ["--resolution", args.resolution, "--batch-size", args.batch_size, "--model", args.model, "--vae",
             args.vae, "--enc-type", args.enc_type, "--encoder-depth", args.encoder_depth, "--mixed-precision",
-            args.mixed_precision, "--configs", args.configs if row == "repae" else "current", "--warmup",
+            args.mixed_precision, "--configs", args.configs if row == "repae" else "default", "--warmup",
             args.warmup, "--repeats", args.repeats, "--work-dir", args.work_dir, "--child", row, "--data-dir",
             data_dir, "--vae-file", vae_file, "--compile" if args.compile else "--no-compile"]
     if args.grad_checkpointing:
@@ -291,17 +287,18 @@ def child_argv(args, row, data_dir, vae_file):
 
 def collect_rows(args):
     """All rows, each training step in a fresh process."""
+    rows, row_kinds = [], args.rows.split(",")
     data_dir, vae_file = harness.make_bench_data(Path(args.work_dir), resolution=args.resolution,
-                                                 images=max(16, 4 * args.batch_size), vae=args.vae)
-    rows = []
-    for row in args.rows.split(","):
+                                                 images=max(16, 4 * args.batch_size), vae=args.vae,
+                                                 latents="ldm" in row_kinds)
+    for row in row_kinds:
         rows += harness.run_child(Path(__file__), child_argv(args, row, data_dir, vae_file))
     return rows
 
 
 def main(argv=None):
     """Print the table (parent) or measure one row kind and hand it back (child)."""
-    args = make_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if not set(args.configs.split(",")) <= set(CONFIGS):
         sys.exit(f"--configs takes a comma list of {', '.join(CONFIGS)}")
     if args.child:
@@ -317,9 +314,9 @@ def main(argv=None):
     harness.print_table("training steps (train_repae.repae_step, train_ldm_only.ldm_step)", rows)
     print(f"command: python bench/bench_step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     medians = {row["name"]: statistics.median(row["times"]) for row in rows}
-    if "REPA-E step + EMA [baseline]" in medians and "REPA-E step + EMA [current]" in medians:
-        print(f"REPA-E step speed-up, baseline -> current: "
-              f"{medians['REPA-E step + EMA [baseline]'] / medians['REPA-E step + EMA [current]']:.2f}x")
+    default, loop = "REPA-E step + EMA [default]", "REPA-E step + EMA [loop-adamw-vae-ckpt]"
+    if default in medians and loop in medians:
+        print(f"REPA-E step speed-up, loop-adamw-vae-ckpt -> default: {medians[loop] / medians[default]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
-"""What the benchmarks share: repeated timing, FLOPs, this machine's fp32 matmul rate, host reads, peak memory,
-one fresh process per row, the bench data set, and the table.
+"""What the benchmarks share: repeated timing, this machine's fp32 matmul rate, peak memory, one fresh process per
+row, the bench data set, and the table.
 
 A row is a dict: name, config, unit ("ms" per call or "img/s"), times (seconds per call), items (images per call),
 flops (per call), host_reads (per call), peak_mib and matmul_flops (the dense fp32 rate measured in that process).
 """
-import contextlib
 import json
 import os
 import resource
@@ -15,15 +14,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Tensor methods that read a value to the host: on CPU the closest thing to a device synchronization.
-HOST_READS = ("item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__")
 
 
-def setup_path():
-    """Make the repository importable from bench/."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
 
+def bench_parser(description, repeats_help):
+    """A bench's argument parser with the flag every bench has: --repeats (timed calls per row)."""
+    import argparse
+
+    from utils.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help=repeats_help)
+    return parser
 
 def synchronize():
     """Wait for queued device work (CUDA); nothing on CPU."""
@@ -43,42 +45,6 @@ def time_calls(fn, repeats):
         synchronize()
         times.append(time.perf_counter() - start)
     return times
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    """Count host reads of tensor values (a dict with 'reads'); on CUDA also warn on every synchronizing call."""
-    import torch
-
-    counter = {"reads": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counting(original):
-        def wrapper(*args, **kwargs):
-            counter["reads"] += 1
-            return original(*args, **kwargs)
-        return wrapper
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, counting(original))
-    if torch.cuda.is_available():
-        torch.cuda.set_sync_debug_mode("warn")
-    try:
-        yield counter
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-        if torch.cuda.is_available():
-            torch.cuda.set_sync_debug_mode("default")
-
-
-def count_flops(fn):
-    """FLOPs of one call of fn() (torch.utils.flop_counter: matmuls, convolutions, attention; forward and backward)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as mode:
-        fn()
-    return mode.get_total_flops()
 
 
 def matmul_rate(size=1024, repeats=5):
@@ -163,15 +129,14 @@ def run_script(script, *args):
         sys.exit(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
-def make_bench_data(work_dir, *, resolution, images, vae, latents_name="bench-vae"):
-    """Under work_dir/VAE-RESpx-IMAGES: data/images.h5 of random labelled images, a random-weight VAE file with
-    latent statistics and its cached latents (preprocessing.py, cache_latents.py); returns (data folder, VAE file).
-    Reused when already there."""
+def make_bench_data(work_dir, *, resolution, images, vae, latents=False, latents_name="bench-vae"):
+    """Under work_dir/VAE-RESpx-IMAGES: data/images.h5 of random labelled images (preprocessing.py), a random-weight
+    VAE file with latent statistics and, with latents=True, its cached latents (cache_latents.py); returns (data
+    folder, VAE file). Reused when already there."""
     import numpy as np
     import torch
     from PIL import Image
 
-    setup_path()
     from models.autoencoder import vae_models
 
     folder = Path(work_dir) / f"{vae}-{resolution}px-{images}"
@@ -192,7 +157,7 @@ def make_bench_data(work_dir, *, resolution, images, vae, latents_name="bench-va
         channels = vae_models[vae]().latent_channels
         torch.save({"latents_scale": torch.ones(1, channels, 1, 1), "latents_bias": torch.zeros(1, channels, 1, 1)},
                    vae_file.with_name(f"{latents_name}-latents-stats.pt"))
-    if not (data / f"{latents_name}.h5").is_file():
+    if latents and not (data / f"{latents_name}.h5").is_file():
         run_script("cache_latents.py", "--vae-arch", vae, "--vae-ckpt-path", vae_file, "--vae-latents-name",
                    latents_name, "--data-dir", data, "--output-dir", data, "--pproc-batch-size", 8,
                    "--num-workers", 0)

@@ -10,6 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from utils.errors import UserError
+
 
 def Normalize(channels):
     """GroupNorm with the LDM settings (32 groups, eps 1e-6)."""
@@ -337,3 +339,32 @@ class DiffusersAutoencoder(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample() if sample_posterior else posterior.mode()
         return posterior, z, self.decode(z)
+
+
+def preprocess_imgs_vae(images):
+    """uint8 images -> floats in [-1, 1], the VAE's input range."""
+    return images.float() / 127.5 - 1.0
+
+
+def check_image_size(image_size, factor, vae_name="the VAE"):
+    """UserError unless the downsampling factor divides both sides of (H, W) images."""
+    height, width = image_size
+    if height % factor or width % factor:
+        raise UserError(f"images of {height}x{width} pixels do not fit {vae_name}: its downsampling factor {factor} "
+                        "must divide both sides; check --resolution and --vae")
+
+
+def latent_shape(vae, resolution):
+    """(channels, size, size) of the latents of resolution-pixel square images through `vae`."""
+    check_image_size((resolution, resolution), vae.downsample_factor)
+    return vae.latent_channels, resolution // vae.downsample_factor, resolution // vae.downsample_factor
+
+
+def to_uint8(images):
+    """Decoded images in [-1, 1] -> uint8 in the same layout and place, truncating like the reference samples."""
+    return torch.clamp(255.0 * (images + 1) / 2, 0, 255).to(torch.uint8)
+
+
+def to_uint8_hwc(images):
+    """Decoded images in [-1, 1] (N, 3, H, W) -> a uint8 (N, H, W, 3) numpy array, as image files and .npz hold."""
+    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()

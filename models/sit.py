@@ -279,3 +279,14 @@ SiT_models = {
     f"SiT-{size}/{patch}": functools.partial(SiT, patch_size=patch, **cfg)
     for size, cfg in {**_SIZES, **_SMOKE_SIZES}.items() for patch in (1, 2, 4, 8)
 }
+
+
+def build_sit(model_name, latent_shape, z_dims, *, num_classes, cfg_prob, encoder_depth, bn_momentum=0.1,
+              qk_norm=False, fused_attn=True, projector_dim=2048):
+    """The SiT `model_name` of the registry for latents of latent_shape (C, h, w), one projector per feature width
+    in z_dims (the frozen encoders' embedding widths)."""
+    channels, size, _ = latent_shape
+    return SiT_models[model_name](
+        input_size=size, in_channels=channels, num_classes=num_classes, class_dropout_prob=cfg_prob, z_dims=z_dims,
+        projector_dim=projector_dim, encoder_depth=encoder_depth, bn_momentum=bn_momentum, qk_norm=qk_norm,
+        fused_attn=fused_attn)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fixtures.fill import fill_
 from models.sit import SiT
-from utils.latents import set_batchnorm_stats
+from weights.latent_stats import set_batchnorm_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,77 +1,85 @@
-"""The bench's pieces on a tiny setting: the step rows time train_repae.repae_step itself, the table has its rows,
-host reads are counted. No timing assertions."""
-import statistics
+"""The bench scripts run as scripts on a tiny setting and are read through what they print: the step table times
+the trainers' step and its parts, --profile names the step's operators, the memory table and its fitted line.
+No timing assertions."""
+import re
+from concurrent.futures import ThreadPoolExecutor
 
-import torch
-from accelerate.state import AcceleratorState
+import pytest
 
-import train_repae
-from bench import bench_memory, bench_step, harness
-from helpers import make_dataset
+from helpers import run_script
+
+TINY = ("--resolution", 32, "--model", "SiT-T/2", "--vae", "f8d4-tiny", "--enc-type", "dinov2-vit-s",
+        "--encoder-depth", 2)
+# the REPA-E step's own profiler ranges and the loop's EMA update
+PARTS = ("repae/encoder_features", "repae/vae_forward", "repae/vae_update", "repae/discriminator_update",
+         "repae/sit_update", "repae/ema")
+# one line of harness.print_table: a 46-character name, then median, unit, spread, n, GFLOP, %mm, peak, reads, config
+TABLE_ROW = re.compile(r"(?P<name>.{46}) +(?P<median>[\d.]+) (?:ms|img/s) +\S+/ *\S+% +(?P<n>\d+) +(?P<gflop>\S+)"
+                       r" +\S+ +\S+ +(?P<reads>\S+)  .*")
+MEMORY_ROW = re.compile(r" *(?P<batch>\d+) +(?P<switch>on|off) +(?P<built>\d+) +(?P<peak>\d+) +(?P<step>-?\d+).*")
+FIT_LINE = re.compile(r"--grad-checkpointing on: peak = (?P<fixed>-?\d+) MiB \+ (?P<per_image>-?\d+) MiB per image; "
+                      r"(largest batch within 4 GiB: -?\d+ \(fitted\)|the peak does not grow with the batch)")
+# the smallest runs that show each bench's rows: one counted and one timed step per configuration, two batches
+COMMANDS = {
+    "step": ("bench/bench_step.py", *TINY, "--batch-size", 2, "--configs", "default,loop-adamw-vae-ckpt",
+             "--rows", "repae", "--warmup", 0, "--repeats", 1),
+    "profile": ("bench/bench_step.py", *TINY, "--batch-size", 2, "--profile"),
+    "memory": ("bench/bench_memory.py", *TINY, "--batch-sizes", "1,2", "--switches", "on", "--budget-gib", 4),
+}
 
 
-def test_count_host_reads_counts_item_float_and_bool():
-    x, item = torch.ones(2), torch.Tensor.item
-    with harness.count_host_reads() as reads:
-        x.sum().item()
-        float(x[0])
-        bool(x[1] > 0)
-        x + 1  # no read
-    assert reads["reads"] == 3
-    assert torch.Tensor.item is item  # restored
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """{command name: future of its CompletedProcess}. The commands start together, each with its own work folder,
+    so that their processes' imports and network builds overlap on a machine with several cores."""
+    work_dirs = {name: tmp_path_factory.mktemp(name) for name in COMMANDS}
+    with ThreadPoolExecutor(len(COMMANDS)) as pool:
+        yield {name: pool.submit(run_script, *command, "--work-dir", work_dirs[name])
+               for name, command in COMMANDS.items()}
 
 
-def test_repae_rows_time_the_trainers_step(tmp_path, monkeypatch):
-    data = make_dataset(tmp_path, resolution=32, per_class=4)
-    calls = []
-    real_step = train_repae.repae_step
+def matching_lines(pattern, output):
+    """The matches of pattern on whole lines of output."""
+    return [match for match in map(pattern.fullmatch, output.splitlines()) if match]
 
-    def counting_step(*args, **kwargs):
-        calls.append(1)
-        return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_repae, "repae_step", counting_step)
-    args = bench_step.make_parser().parse_args([
-        "--resolution", "32", "--batch-size", "2", "--model", "SiT-T/2", "--vae", "f8d4-tiny", "--enc-type",
-        "dinov2-vit-s", "--encoder-depth", "2", "--configs", "current,baseline", "--warmup", "0", "--repeats", "1",
-        "--work-dir", str(tmp_path), "--data-dir", str(data)])
-    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
-    rows = bench_step.repae_rows(args)
-    # per configuration: one counted (FLOPs, host reads) and one timed step
-    assert len(calls) == 2 * 2
+@pytest.mark.slow
+def test_step_table_times_the_trainers_step_and_its_parts(outputs):
+    out = outputs["step"].result().stdout
+    assert "## training steps (train_repae.repae_step, train_ldm_only.ldm_step)" in out
+    rows = matching_lines(TABLE_ROW, out)
     names = [row["name"].strip() for row in rows]
-    parts = list(bench_step.PARTS)
-    assert names == ["REPA-E step + EMA [current]", *parts, "REPA-E step + EMA [baseline]", *parts]
-    step_rows = [row for row in rows if row["name"].startswith("REPA-E")]
-    assert all(row["flops"] > 0 and len(row["times"]) == 1 for row in step_rows)
-    assert step_rows[1]["host_reads"] > step_rows[0]["host_reads"]  # the baseline reads its logs every step
-    lines = [harness.format_row(row) for row in rows]
-    assert all(statistics.median(row["times"]) > 0 for row in rows) and len(lines) == len(rows)
+    assert names == ["REPA-E step + EMA [default]", *PARTS, "REPA-E step + EMA [loop-adamw-vae-ckpt]", *PARTS]
+    default, loop = rows[0], rows[len(PARTS) + 1]
+    # per configuration one counted step (FLOPs, host reads) and one timed step
+    assert all(float(row["gflop"]) > 0 and row["n"] == "1" and float(row["median"]) > 0 for row in (default, loop))
+    assert int(loop["reads"]) > int(default["reads"])  # the loop AdamW's guard verdicts and the metrics are read
+    assert re.search(r"REPA-E step speed-up, loop-adamw-vae-ckpt -> default: [\d.]+x", out)
 
 
-def test_memory_child_measures_the_trainers_step(tmp_path):
-    data = make_dataset(tmp_path, resolution=32, per_class=4)
-    args = bench_memory.make_parser().parse_args([
-        "--resolution", "32", "--model", "SiT-T/2", "--vae", "f8d4-tiny", "--enc-type", "dinov2-vit-s",
-        "--encoder-depth", "2", "--work-dir", str(tmp_path), "--data-dir", str(data), "--child", "2"])
-    AcceleratorState._reset_state(reset_partial_state=True)
-    row = bench_memory.measure_child(args)
-    assert row["batch"] == 2 and 0 < row["built_mib"] <= row["peak_mib"]
+@pytest.mark.slow
+def test_profile_prints_the_step_operators(outputs):
+    out = outputs["profile"].result().stdout
+    assert "aten::convolution_backward" in out and "aten::_fused_adamw_" in out
 
 
-def test_memory_fit_gives_the_largest_batch_within_the_budget():
-    rows = [dict(batch=2, peak_mib=5000.0), dict(batch=4, peak_mib=5600.0)]
-    fixed, per_image, batch = bench_memory.fit_peak(rows, budget_mib=8192)
-    assert (fixed, per_image) == (4400.0, 300.0)
-    assert batch == 12  # 4400 + 12 * 300 = 8000 <= 8192 < 8300
+@pytest.mark.slow
+def test_memory_rows_measure_built_networks_and_steps(outputs):
+    out = outputs["memory"].result().stdout
+    assert "## REPA-E step memory, --grad-checkpointing on  (" in out
+    rows = matching_lines(MEMORY_ROW, out)
+    assert [(row["batch"], row["switch"]) for row in rows] == [("1", "on"), ("2", "on")]
+    for row in rows:
+        built, peak = int(row["built"]), int(row["peak"])
+        assert 0 < built <= peak and abs(int(row["step"]) - (peak - built)) <= 1
 
 
-def test_profile_prints_the_step_operators(tmp_path, capsys):
-    data = make_dataset(tmp_path, resolution=32, per_class=4)
-    args = bench_step.make_parser().parse_args([
-        "--resolution", "32", "--batch-size", "2", "--model", "SiT-T/2", "--vae", "f8d4-tiny", "--enc-type",
-        "dinov2-vit-s", "--encoder-depth", "2", "--work-dir", str(tmp_path), "--data-dir", str(data), "--profile"])
-    AcceleratorState._reset_state(reset_partial_state=True)
-    bench_step.print_profile(args)
-    table = capsys.readouterr().out
-    assert "aten::convolution_backward" in table and "aten::_fused_adamw_" in table
+@pytest.mark.slow
+def test_memory_fit_is_the_line_through_the_measured_peaks(outputs):
+    out = outputs["memory"].result().stdout
+    peaks = {int(row["batch"]): int(row["peak"]) for row in matching_lines(MEMORY_ROW, out)}
+    fit = FIT_LINE.search(out)
+    assert fit, out
+    fixed, per_image = int(fit["fixed"]), int(fit["per_image"])
+    # the printed figures are rounded to whole MiB
+    assert all(abs(fixed + per_image * batch - peak) <= 2 for batch, peak in peaks.items())

@@ -10,9 +10,10 @@ import torch
 
 import cache_latents
 import preprocessing
+from dataset.h5 import ImageDataset, ImageLatentDataset, latent_name
 from helpers import assert_user_error, file_mode, make_photo_tree, run_script, umask
-from utils.data import ImageDataset, ImageLatentDataset, latent_name
 from utils.errors import UserError
+from weights.vae import load_vae
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_two_processes_match_a_direct_encode(images_dir):
     assert labels == [[n, int(label)] for n, label in zip(names, images.labels)]
     assert stored.dtype == np.float32 and stored.shape == (5, 8, 4, 4)
 
-    vae = cache_latents.build_vae("f8d4", None, random_init=True).eval()
+    vae = load_vae("f8d4", "none", require_stats=False, seed=0)[0].eval()  # what --vae-random-init draws
     x = torch.stack([images[i][0] for i in range(len(images))])
     with torch.no_grad():
         posterior = vae.encode(x.float() / 127.5 - 1)

@@ -12,7 +12,9 @@ from safetensors.torch import save_file
 from helpers import ROOT
 from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
-from utils.checkpoint import (
+from utils.errors import UserError
+from utils.files import atomic_write, current_umask
+from weights.checkpoint import (
     atomic_save,
     checkpoint_file,
     load_file,
@@ -20,8 +22,6 @@ from utils.checkpoint import (
     newest_readable_checkpoint,
     remove_stale_temporaries,
 )
-from utils.errors import UserError
-from utils.files import atomic_write, current_umask
 
 
 def mode(path):

@@ -10,8 +10,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 import preprocessing
+from dataset.h5 import ImageDataset, ImageLatentDataset, latent_name, read_entry
+from dataset.sampler import ResumableDistributedSampler
 from helpers import make_photo_tree
-from utils.data import ImageDataset, ImageLatentDataset, ResumableDistributedSampler, latent_name, read_entry
 from utils.errors import UserError
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
@@ -65,7 +66,7 @@ def test_image_size_from_the_first_image_header(data):
     data_dir = data[0]
     images, pairs = ImageDataset(str(data_dir)), ImageLatentDataset(str(data_dir), vae_latents_name="lat")
     assert images.image_size == pairs.image_size == (32, 32)
-    assert images.h5._file is None and pairs.images_h5._file is None
+    assert images.h5._file is None and pairs.h5._file is None and pairs.features_h5._file is None
 
 
 def test_two_worker_dataloader_reads_everything(data):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from helpers import run_script
-from utils.checkpoint import load_file
+from weights.checkpoint import load_file
 
 
 def test_nearest_neighbour_check_counts_classes_by_their_majority():

@@ -16,19 +16,14 @@ from huggingface_hub import constants
 import generate
 import save_vae_weights
 from helpers import assert_same_state, make_dataset, run_script, tiny_training_flags
-from models.autoencoder import DiffusersAutoencoder
+from models.autoencoder import DiffusersAutoencoder, latent_shape
 from models.sit import SiT
-from utils.checkpoint import load_file
-from utils.cli import check_training_args
+from training.flags import check_training_args
 from utils.errors import UserError
-from utils.latents import (
-    latent_shape,
-    load_vae,
-    stats_from_batchnorm,
-    vae_checkpoint_entries,
-    vae_downsample_factor,
-    vae_from_checkpoint,
-)
+from weights.checkpoint import load_file
+from weights.latent_stats import stats_from_batchnorm
+from weights.training_checkpoint import load_autoencoder
+from weights.vae import load_vae, resolve_vae, vae_checkpoint_entries, vae_from_checkpoint
 
 FLUX_LIKE = dict(latent_channels=16, block_out_channels=[16, 16, 32, 32], down_block_types=["DownEncoderBlock2D"] * 4,
                  up_block_types=["UpDecoderBlock2D"] * 4, use_quant_conv=False, use_post_quant_conv=False,
@@ -83,7 +78,7 @@ def test_wrapper_follows_the_autoencoder_contract(folders, name):
     factor = 2 ** (len(config["block_out_channels"]) - 1)
     assert (vae.latent_channels, vae.downsample_factor) == (config["latent_channels"], factor)
     assert latent_shape(vae, 32) == (config["latent_channels"], 32 // factor, 32 // factor)
-    assert vae_downsample_factor("diffusers", str(folders[name])) == factor
+    assert resolve_vae("diffusers", str(folders[name])).downsample_factor() == factor
     posterior, z, recon = vae(images())
     assert z.shape == (2, *latent_shape(vae, 32)) and recon.shape == (2, 3, 32, 32) and posterior.kl().shape == (2,)
 
@@ -108,7 +103,7 @@ def test_config_without_statistics_gives_none(tmp_path):
         del config[key]
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert load_vae("diffusers", tmp_path, require_stats=False)[1] is None
-    with pytest.raises(FileNotFoundError, match="latents_stats.pt or latent statistics in its config.json"):
+    with pytest.raises(UserError, match="latents_stats.pt or latent statistics in its config.json"):
         load_vae("diffusers", tmp_path)
 
 
@@ -127,10 +122,10 @@ def test_bad_vae_ckpt_is_one_line(folders, tmp_path):
     with pytest.raises(UserError, match="--vae diffusers needs a VAE checkpoint: pass --vae-ckpt"):
         load_vae("diffusers", "none")
     (tmp_path / "vae.pt").write_bytes(b"")
-    with pytest.raises(UserError, match="is no diffusers AutoencoderKL folder"):
+    with pytest.raises(UserError, match="weights file, but --vae diffusers needs a diffusers AutoencoderKL folder"):
         load_vae("diffusers", str(tmp_path / "vae.pt"))
     args = argparse.Namespace(model="SiT-T/2", vae="diffusers", vae_ckpt=str(folders["flux-like"]), resolution=36)
-    with pytest.raises(UserError, match="--resolution 36 must be divisible by 8 for --vae diffusers"):
+    with pytest.raises(UserError, match="36x36 pixels do not fit --vae diffusers: its downsampling factor 8"):
         check_training_args(args)
     # a layout of our own classes refuses the folder, naming the way out
     with pytest.raises(UserError, match="pass --vae diffusers"):
@@ -147,7 +142,7 @@ def test_hub_subfolder_of_a_pipeline_repo(folders, tmp_path, monkeypatch):
     write_folder(storage / "snapshots" / commit / "vae", FLUX_LIKE)
     vae, stats = load_vae("diffusers", "hf://owner/pipeline/vae")
     assert_same_outputs(vae, diffusers.AutoencoderKL.from_pretrained(folders["flux-like"]).eval())
-    assert vae_downsample_factor("diffusers", "hf://owner/pipeline/vae") == 8
+    assert resolve_vae("diffusers", "hf://owner/pipeline/vae").downsample_factor() == 8
 
 
 def tiny_repae_checkpoint(vae):
@@ -159,7 +154,7 @@ def tiny_repae_checkpoint(vae):
         sit.bn.running_mean.uniform_(-1, 1)
         sit.bn.running_var.uniform_(0.5, 2)
     return {"model": sit.state_dict(), "ema": sit.state_dict(), "vae": vae.state_dict(),
-            "discriminator": {}, "steps": 1, **vae_checkpoint_entries(vae)}
+            "discriminator": {}, "steps": 1, **vae_checkpoint_entries("diffusers", vae)}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -192,7 +187,7 @@ def test_generate_needs_the_config_of_a_diffusers_checkpoint(folders):
     checkpoint = tiny_repae_checkpoint(load_vae("diffusers", folders["flux-like"])[0])
     del checkpoint["vae_config"]
     with pytest.raises(UserError, match="has no 'vae_config' entry"):
-        generate.load_autoencoder({"vae": "diffusers"}, checkpoint, "ckpt.pt", None, "cpu")
+        load_autoencoder({"vae": "diffusers"}, checkpoint, "ckpt.pt", None, "cpu")
 
 
 # End-to-end runs of the scripts.
@@ -205,7 +200,7 @@ def data_dir(tmp_path_factory):
 
 def train(script, data_dir, out, name, folder, *extra, **overrides):
     """Run a trainer with the tiny flags on the diffusers VAE `folder`."""
-    factor = vae_downsample_factor("diffusers", str(folder))
+    factor = resolve_vae("diffusers", str(folder)).downsample_factor()
     flags = {"--vae": "diffusers", "--vae-ckpt": folder, "--model": SIT_FOR_FACTOR[factor], **overrides}
     return run_script(script, *tiny_training_flags(data_dir, out, name, **flags), *extra)
 
@@ -288,7 +283,7 @@ def test_other_layouts_train_and_export(data_dir, folders, name, tmp_path):
 
 
 def test_evaluation_tools_load_the_same_vae(folders):
-    from utils.evaluation import load_vaes
+    from weights.vae import load_vaes
 
     vaes = load_vaes("diffusers", [str(folders["f4c8"])], (32, 32))
     assert isinstance(vaes[str(folders["f4c8"])], DiffusersAutoencoder)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from fixtures.fill import fill_
 from models.autoencoder import AutoencoderKL, vae_models
-from utils.diffusers_vae import (
+from weights.diffusers_format import (
     _diffusers_key,
     diffusers_config,
     export_diffusers_vae,

@@ -1,7 +1,5 @@
 """Encoders: published preprocessing, token shapes of every family, weight files in all formats, missing weights."""
-import ast
 import warnings
-from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -11,8 +9,8 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from models.encoders import build_encoder, encoder_patch_tokens, preprocess_raw_image
-from utils.encoder_weights import load_encoders, read_weights
 from utils.errors import UserError
+from weights.encoders import load_encoders, read_weights
 
 EMBED_DIMS = {
     "dinov2-vit-s": 384, "dinov2-vit-b": 768, "dinov2-vit-l": 1024, "dinov2-vit-g": 1536,
@@ -224,12 +222,3 @@ def test_unsupported_names_rejected(enc_type):
 def test_checkpoint_count_must_match_encoders():
     with pytest.raises(ValueError, match="2 encoder checkpoint paths"):
         load_encoders("dinov2-vit-b", "meta", ckpt="a.pth,b.pth")
-
-
-def test_models_import_nothing_from_utils():
-    """models/ holds networks only: weight lookup and file handling live in utils/."""
-    for path in sorted((Path(__file__).resolve().parents[1] / "models").glob("*.py")):
-        tree = ast.parse(path.read_text())
-        imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
-        imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
-        assert not [name for name in imported if name.split(".")[0] == "utils"], path.name

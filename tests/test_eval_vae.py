@@ -9,14 +9,13 @@ from skimage.metrics import structural_similarity
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 import eval_vae
+from dataset.h5 import ImageDataset
+from evaluation.inception import InceptionV3
 from helpers import assert_user_error, make_dataset, run_script
 from loss.lpips import build_lpips
-from models.autoencoder import vae_models
-from utils.data import ImageDataset
-from utils.diffusers_vae import export_diffusers_vae
+from models.autoencoder import preprocess_imgs_vae, to_uint8, vae_models
 from utils.errors import report_user_errors
-from utils.evaluation import InceptionV3
-from utils.latents import preprocess_imgs_vae
+from weights.diffusers_format import export_diffusers_vae
 
 ARCH = "f8d4-tiny"
 
@@ -115,12 +114,12 @@ def test_eval_vae_compares_vae_forms_in_one_table(tmp_path, data_dir, images, ca
         np.testing.assert_allclose(result["latent_mean"], mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(result["latent_std"], std, rtol=1e-5)
         with torch.no_grad():
-            reconstructions = eval_vae.to_uint8(vae.decode(vae.encode(preprocess_imgs_vae(images[:3])).mode()))
+            reconstructions = to_uint8(vae.decode(vae.encode(preprocess_imgs_vae(images[:3])).mode()))
         assert result["psnr"] == pytest.approx(eval_vae.psnr(reconstructions, images[:3]).mean().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("name, message", [
-    ("nothere.pt", "--vae-ckpt {ckpt}: checkpoint file not found"),
+    ("nothere.pt", "--vae-ckpt {ckpt}: no such file or folder"),
     ("f16d32.pt", "--vae-ckpt {ckpt}: {ckpt} does not fit AutoencoderKL: check the model flags"),
     ("training.pt", "--vae-ckpt {ckpt}: {ckpt} holds a REPA-E training checkpoint (keys model, ema, vae, args), "
                     "not a VAE state dict: extract it with save_vae_weights.py"),

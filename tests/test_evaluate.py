@@ -1,4 +1,4 @@
-"""evaluate.py and utils/evaluation.py: the ADM evaluator's formulas, the Inception features, the whole command."""
+"""evaluate.py and evaluation/: the ADM evaluator's formulas, the Inception features, the whole command."""
 import json
 import subprocess
 import sys
@@ -10,23 +10,19 @@ from scipy import linalg
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 import evaluate
-from helpers import ROOT, assert_user_error, run_script
-from utils import evaluation
-from utils.errors import report_user_errors
-from utils.evaluation import (
-    INCEPTION_ENV,
-    INCEPTION_FILE,
-    INCEPTION_URL,
-    InceptionV3,
-    NpzImages,
+from evaluation import metrics
+from evaluation.inception import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, InceptionV3, inception_weights_path
+from evaluation.metrics import (
     fid_statistics,
     frechet_distance,
     inception_score,
-    inception_weights_path,
     manifold_radii,
     pairwise_distances,
     precision_recall,
 )
+from evaluation.npz import NpzImages
+from helpers import ROOT, assert_user_error, run_script
+from utils.errors import report_user_errors
 
 
 def random_inception_weights(folder):
@@ -95,7 +91,7 @@ def test_frechet_distance_singular_product_fallback(monkeypatch):
         products.append(matrix)
         return np.full_like(matrix, np.nan) if len(products) == 1 else real_sqrtm(matrix)
 
-    monkeypatch.setattr(evaluation.linalg, "sqrtm", sqrtm_failing_once)
+    monkeypatch.setattr(metrics.linalg, "sqrtm", sqrtm_failing_once)
     with pytest.warns(UserWarning, match="singular product; adding 1e-06 to diagonal"):
         got = frechet_distance(mu1, sigma1, mu2, sigma2)
     offset = 1e-6 * np.eye(6)

@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 
 import generate
-import utils.samplers
+import sampling.samplers
 from fixtures.fill import fill_
 from helpers import assert_user_error, file_mode, run_script, umask
-from models.autoencoder import vae_models
+from models.autoencoder import to_uint8_hwc, vae_models
 from models.sit import SiT_models
+from sampling.samplers import euler_maruyama_sampler, euler_sampler
 from utils.errors import UserError
-from utils.latents import denormalize_latents, stats_from_batchnorm
-from utils.samplers import euler_maruyama_sampler, euler_sampler
+from weights.latent_stats import denormalize_latents, stats_from_batchnorm
 
 # The smoke-size SiT of the registry: generate.py builds models by registry name.
 TINY_NAME = "SiT-T/2"
@@ -82,7 +82,7 @@ def expected_batches(setup, stats, seed, n, batches, sde=False, vae=None, **kwar
         latents = sampler(setup["model"], z, y, **kwargs).float()
         vae = vae or setup["vae"]
         images = vae.decode(denormalize_latents(latents, stats))
-        out.append(generate.to_uint8(images))
+        out.append(to_uint8_hwc(images))
     return out
 
 
@@ -201,8 +201,8 @@ def test_bad_checkpoints_end_with_one_line_and_write_nothing(setup, tmp_path):
 def test_sampler_flags(setup, tmp_path, monkeypatch, flags, sampler, expected):
     calls = []
     for name in ("euler_sampler", "euler_maruyama_sampler"):
-        real = getattr(utils.samplers, name)
-        monkeypatch.setattr(utils.samplers, name,
+        real = getattr(sampling.samplers, name)
+        monkeypatch.setattr(sampling.samplers, name,
                             lambda real=real, name=name, **kw: calls.append((name, kw)) or real(**kw))
     # --ckpt alone: model settings from the checkpoint's own args, name from EXP/checkpoints/N.pt
     ckpt = setup["repae"] / "checkpoints" / f"{STEP:07d}.pt"
@@ -250,7 +250,7 @@ def test_missing_checkpoint(tmp_path):
 
 def test_ldm_only_checkpoint_without_vae_file(setup, tmp_path):
     missing = tmp_path / "nowhere.pt"
-    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+    with pytest.raises(UserError, match="--vae-ckpt .*nowhere.pt: no such file"):
         generate.main(["--exp-path", str(setup["ldm"]), "--sample-dir", str(tmp_path), "--vae-ckpt", str(missing),
                        "--num-fid-samples", "1", "--pproc-batch-size", "1", "--num-steps", "1"])
 

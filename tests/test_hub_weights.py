@@ -9,9 +9,10 @@ import generate
 import save_vae_weights
 from models.autoencoder import vae_models
 from models.sit import SiT
-from utils.diffusers_vae import export_diffusers_vae
-from utils.hub import DIFFUSERS_FILES, DIFFUSERS_STATS, HUB_DEFAULT_FILES, resolve_weights
-from utils.latents import load_vae
+from utils.errors import UserError
+from weights.diffusers_format import export_diffusers_vae
+from weights.hub import DIFFUSERS_FILES, DIFFUSERS_STATS, HUB_DEFAULT_FILES, resolve_weights
+from weights.vae import load_vae
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SIT_FILE = HUB_DEFAULT_FILES["REPA-E/sit-repae-vavae"]
@@ -77,10 +78,11 @@ def test_missing_files_say_what_where_and_how_to_fetch(hub_cache):
     assert str(hub_cache / "models--REPA-E--test-vae") in message
     assert f"hf download REPA-E/test-vae --include 'other*' --cache-dir {hub_cache}" in message
 
-    with pytest.raises(FileNotFoundError) as error:  # a published repo: its file name comes from the table
+    with pytest.raises(UserError) as error:  # a published repo: its file name comes from the table
         load_vae("f16d32", "REPA-E/e2e-vavae")
     message = str(error.value)
-    assert message.startswith("REPA-E/e2e-vavae is no local file or folder, so it was read as a hub id")
+    assert message.startswith("--vae-ckpt REPA-E/e2e-vavae: REPA-E/e2e-vavae is no local file or folder, so it was "
+                              "read as a hub id")
     assert "hf download REPA-E/e2e-vavae --include 'e2e-vavae-400k*' --cache-dir" in message
     with pytest.raises(FileNotFoundError, match=f"hf download REPA-E/sit-repae-vavae {SIT_FILE} --cache-dir"):
         resolve_weights("REPA-E/sit-repae-vavae")
@@ -99,7 +101,7 @@ def test_existing_local_path_wins_and_other_paths_pass_through(hub_cache, tmp_pa
     assert_same_weights(load_vae("f8d4-tiny", "REPA-E/test-vae", require_stats=False)[0], local)
     # a missing OWNER/NAME.pt or deeper path is a local path: the loader names it as before
     assert str(resolve_weights("pretrained/e2e-vavae.pt")) == "pretrained/e2e-vavae.pt"
-    with pytest.raises(FileNotFoundError, match="checkpoint file not found: pretrained/sdvae/sdvae-f8d4.pt"):
+    with pytest.raises(UserError, match="--vae-ckpt pretrained/sdvae/sdvae-f8d4.pt: no such file or folder"):
         load_vae("f8d4", "pretrained/sdvae/sdvae-f8d4.pt")
 
 

@@ -2,19 +2,18 @@
 import pytest
 import torch
 
-from models.autoencoder import vae_models
+from models.autoencoder import latent_shape, vae_models
 from utils.errors import UserError
-from utils.latents import (
+from weights.latent_stats import (
     denormalize_latents,
     diffusers_config_from_stats,
     estimate_latents_stats,
-    latent_shape,
-    load_vae,
     normalize_latents,
     set_batchnorm_stats,
     stats_from_batchnorm,
     stats_from_diffusers_config,
 )
+from weights.vae import load_vae
 
 
 def random_stats(channels, seed=0):
@@ -75,7 +74,7 @@ def test_latent_shape(arch, resolution, shape):
 def test_latent_shape_needs_a_multiple_of_the_factor():
     with torch.device("meta"):
         vae = vae_models["f16d32"]()
-    with pytest.raises(ValueError, match="multiple of the VAE's downsampling factor 16"):
+    with pytest.raises(ValueError, match="downsampling factor 16 must divide both sides"):
         latent_shape(vae, 200)
 
 
@@ -99,7 +98,7 @@ def test_vae_file_with_stats_beside_it(tmp_path):
     vae = vae_models["f8d4-tiny"]()
     path = tmp_path / "tiny.pt"
     torch.save(vae.state_dict(), path)
-    with pytest.raises(FileNotFoundError, match="tiny-latents-stats.pt"):
+    with pytest.raises(UserError, match="tiny-latents-stats.pt"):
         load_vae("f8d4-tiny", path)
     assert load_vae("f8d4-tiny", path, require_stats=False)[1] is None
     stats = {key: value.float() for key, value in random_stats(4).items()}
@@ -113,8 +112,8 @@ def test_wrong_vae_files_are_named(tmp_path):
     vae = vae_models["f8d4-tiny"]()
     path = tmp_path / "tiny.pt"
     torch.save({"model": {}, "ema": {}, "vae": vae.state_dict(), "steps": 3}, path)
-    with pytest.raises(UserError, match=f"^{path} holds a REPA-E training checkpoint .*not a VAE state dict: "
-                                        r"extract it with save_vae_weights\.py$"):
+    with pytest.raises(UserError, match=f"^--vae-ckpt {path}: {path} holds a REPA-E training checkpoint .*not a VAE "
+                                        r"state dict: extract it with save_vae_weights\.py$"):
         load_vae("f8d4-tiny", path)
     torch.save(vae.state_dict(), path)
     torch.save(torch.ones(1, 4, 1, 1), tmp_path / "tiny-latents-stats.pt")

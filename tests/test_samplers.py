@@ -5,7 +5,7 @@ import torch
 from helpers import assert_close_rel, fixture_sit
 from models.interpolant import interpolant
 from models.sit import SiT_models
-from utils.samplers import euler_maruyama_sampler, euler_sampler, score_from_velocity
+from sampling.samplers import euler_maruyama_sampler, euler_sampler, score_from_velocity
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_score_from_velocity_on_gaussian_data(path_type):
 
 
 def reference_velocity(model, x, y, t, cfg_scale, use_cfg, sde=False, path_type="linear"):
-    """The samplers' network call before issue 12: the batch built per step, times as float64 tensors."""
+    """The network call of a plain per-step sampler: the batch built per step, times as float64 tensors."""
     if use_cfg:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])
     t_in = torch.full((x.shape[0],), float(t), dtype=torch.float64)
@@ -108,7 +108,7 @@ def reference_velocity(model, x, y, t, cfg_scale, use_cfg, sde=False, path_type=
 
 
 def reference_sampler(model, x, y, num_steps, sde, cfg_scale, guidance_low, guidance_high, path_type="linear"):
-    """Euler ODE or Euler-Maruyama SDE as written before issue 12 (tensor times, per-step guidance decisions)."""
+    """Euler ODE or Euler-Maruyama SDE as a plain per-step loop (tensor times, per-step guidance decisions)."""
     if sde:
         t_steps = torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.zeros(1).double()])
     else:

@@ -10,9 +10,9 @@ from helpers import assert_user_error, file_mode, run_script, umask
 from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
 from models.sit import SiT
-from utils.checkpoint import load_file, load_state_dict_strict
 from utils.errors import UserError
-from utils.latents import load_vae
+from weights.checkpoint import load_file, load_state_dict_strict
+from weights.vae import load_vae
 
 
 @pytest.fixture(scope="module")

@@ -59,16 +59,17 @@ def argv_for(flag, value):
 @pytest.mark.parametrize("script", list(FLAGS), ids=lambda m: m.__name__)
 def test_flags_defaults_and_values(script):
     required, flags = REQUIRED.get(script, []), FLAGS[script]
-    assert parsed(script.parse_args(required), flags) == {flag: default for flag, (default, _) in flags.items()}
+    defaults = script.build_parser().parse_args(required)
+    assert parsed(defaults, flags) == {flag: default for flag, (default, _) in flags.items()}
     argv = required + [word for flag, (_, value) in flags.items() for word in argv_for(flag, value)]
-    assert parsed(script.parse_args(argv), flags) == {flag: value for flag, (_, value) in flags.items()}
+    assert parsed(script.build_parser().parse_args(argv), flags) == {flag: value for flag, (_, value) in flags.items()}
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--mode", "sde", "--heun"], "--heun is only available with --mode ode"),
     (["--cfg-scale", "0.5"], "--cfg-scale must be >= 1.0"),
     (["--mode", "ddim"], "invalid choice: 'ddim'"),
-    (["--num-steps", "0"], "must be positive"),
+    (["--num-steps", "0"], "0 is not a positive integer"),
 ])
 def test_generate_rejects_bad_flags(flags, message, capsys):
     with pytest.raises(SystemExit):

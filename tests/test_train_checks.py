@@ -74,4 +74,4 @@ def test_help_answers_without_torch_and_explains_every_flag(trainer):
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "accelerate" not in imported
     assert "--exp-name" in result.stdout and "(default: 0.0001)" in result.stdout
-    assert all(action.help for action in trainer.make_parser()._actions)
+    assert all(action.help for action in trainer.build_parser()._actions)

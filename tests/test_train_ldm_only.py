@@ -5,7 +5,7 @@ import torch
 from helpers import assert_same_state, make_dataset, run_script, save_vae_file, tiny_training_flags
 from models.autoencoder import vae_models
 from models.sit import SiT_models
-from utils.checkpoint import load_file
+from weights.checkpoint import load_file
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_repae
-from bench.harness import count_host_reads
+from dataset.h5 import ImageDataset
 from helpers import (
     ROOT,
     assert_same_state,
@@ -27,10 +27,10 @@ from helpers import (
 from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
 from models.sit import SiT_models
-from utils.checkpoint import load_file
-from utils.data import ImageDataset
-from utils.guard import NonFiniteGuard
-from utils.training import load_loss_config, make_accelerator
+from training.guard import NonFiniteGuard
+from training.setup import load_loss_config, make_accelerator
+from utils.host_reads import count_host_reads
+from weights.checkpoint import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -253,7 +253,7 @@ def build_in_process(data_dir, out, mixed_precision="no", scaler=None):
         accelerator.scaler = scaler
     torch.manual_seed(0)
     loss_config = load_loss_config(ROOT / args.loss_cfg_path, "--loss-cfg-path")
-    nets, _, loader, _ = train_repae.build(args, accelerator, ImageDataset(data_dir), loss_config)
+    nets, loader, _ = train_repae.build(args, accelerator, ImageDataset(data_dir), loss_config)
     images, labels = next(iter(loader))
     return accelerator, nets, images, labels
 
@@ -261,7 +261,8 @@ def build_in_process(data_dir, out, mixed_precision="no", scaler=None):
 def one_step(nets, images, labels, accelerator, guard, **overrides):
     """One REPA-E step with the published coefficients and a fixed random stream; returns its metrics."""
     torch.manual_seed(1)
-    kwargs = dict(loss_kwargs=dict(path_type="linear"), proj_coeff=0.5, vae_align_proj_coeff=1.5, max_grad_norm=1.0)
+    kwargs = dict(loss_kwargs=dict(path_type="linear"), proj_coeff=0.5, vae_align_proj_coeff=1.5, max_grad_norm=1.0,
+                  ema_decay=0.9999)
     logs = train_repae.repae_step(nets, images, labels, 0, accelerator, guard, **{**kwargs, **overrides})
     guard.end_step()  # as the training loop closes each step
     return logs

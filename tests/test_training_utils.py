@@ -10,11 +10,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from models.sit import SiT
-from utils.checkpoint import atomic_save, list_checkpoints, load_file, load_state_dict_strict, prune_checkpoints
-from utils.distributed import GlobalBatchNorm2d, convert_global_batchnorm
-from utils.ema import update_ema
+from training.distributed import GlobalBatchNorm2d, convert_global_batchnorm
+from training.ema import update_ema
+from training.guard import NonFiniteGuard
 from utils.errors import UserError
-from utils.guard import NonFiniteGuard
+from weights.checkpoint import atomic_save, list_checkpoints, load_file, load_state_dict_strict, prune_checkpoints
 
 
 def test_published_checkpoint_with_namespace_loads_weights_only(tmp_path):
@@ -153,7 +153,7 @@ def _unwrap_worker(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.nn.parallel import DistributedDataParallel
 
-    from utils.training import unwrap
+    from training.step import unwrap
     plain = torch.nn.Linear(2, 2)
     for wrapped in (DistributedDataParallel(torch.compile(plain)), torch.compile(DistributedDataParallel(plain))):
         assert unwrap(wrapped) is plain

@@ -5,12 +5,12 @@ import torch
 from PIL import Image
 
 import visualize_latents
+from dataset.h5 import ImageDataset
 from helpers import assert_user_error, make_dataset, run_script
 from models.autoencoder import vae_models
-from utils.data import ImageDataset
-from utils.diffusers_vae import export_diffusers_vae
 from utils.errors import report_user_errors
 from visualize_latents import HEADER_HEIGHT, latent_pictures, pca_rgb
+from weights.diffusers_format import export_diffusers_vae
 
 ARCH = "f8d4-tiny"
 
@@ -85,7 +85,7 @@ def test_visualize_latents_command(tmp_path, data_dir):
 
 @pytest.mark.parametrize("flags, message", [
     (["--vae", "f9d9"], "--vae f9d9 is unknown; known: f8d4, f16d32"),
-    (["--vae-ckpt", "nothere.pt"], "--vae-ckpt nothere.pt: checkpoint file not found"),
+    (["--vae-ckpt", "nothere.pt"], "--vae-ckpt nothere.pt: no such file or folder"),
     (["--start-index", "4"], "--start-index 4 is past the 4 images of"),
 ])
 def test_visualize_latents_bad_input_ends_with_one_line(tmp_path, data_dir, flags, message):

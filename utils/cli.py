@@ -11,116 +11,6 @@ from utils.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def training_parser(description, *, model_default, vae_default, vae_ckpt_default):
-    """An argument parser with the flags both training scripts take, defaults shown in --help."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    bool_flag = argparse.BooleanOptionalAction
-
-    run = parser.add_argument_group("experiment")
-    run.add_argument("--output-dir", type=str, default="exps", help="experiments go to OUTPUT_DIR/EXP_NAME")
-    run.add_argument("--exp-name", type=str, required=True, help="name of the experiment folder")
-    run.add_argument("--logging-dir", type=str, default="logs",
-                     help="tracker files go to OUTPUT_DIR/LOGGING_DIR/EXP_NAME")
-    run.add_argument("--report-to", type=str, default="wandb", help="wandb, tensorboard, both (comma) or none")
-    run.add_argument("--sampling-steps", type=int, default=10000, help="write an EMA sample grid every N steps")
-    run.add_argument("--checkpointing-steps", type=int, default=50000, help="write a checkpoint every N steps")
-    run.add_argument("--log-every", type=int, default=1,
-                     help="send metrics to the progress bar and the trackers every N steps")
-    run.add_argument("--sample-batch-size", type=int, default=64, help="images in each sample grid")
-    run.add_argument("--keep-last-checkpoints", type=int, default=0,
-                     help="keep only the newest N checkpoints (0 keeps all)")
-    run.add_argument("--resume-step", type=int, default=0,
-                     help="resume from checkpoint N of this experiment (or of --continue-train-exp-dir)")
-    run.add_argument("--continue-train-exp-dir", type=str, default=None,
-                     help="experiment folder whose checkpoint --resume-step names")
-    run.add_argument("--resume-latest", action="store_true",
-                     help="resume from the newest readable checkpoint of this experiment, if any")
-    run.add_argument("--wandb-history-path", type=str, default=None,
-                     help="accepted so that published command lines run; not used")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", type=str, default=model_default,
-                       help="SiT-{S,B,L,XL}/{1,2,4,8}; SiT-T/* is a smoke-run size")
-    model.add_argument("--num-classes", type=int, default=1000, help="class labels (the null label is this number)")
-    model.add_argument("--encoder-depth", type=int, default=8, help="SiT block whose features REPA aligns")
-    model.add_argument("--qk-norm", action=bool_flag, default=False, help="layer-norm queries and keys")
-    model.add_argument("--fused-attn", action=bool_flag, default=True, help="scaled-dot-product attention kernel")
-    model.add_argument("--compile", action=bool_flag, default=True, help="torch.compile the trained networks")
-    model.add_argument("--grad-checkpointing", action="store_true",
-                       help="recompute activations in the backward (SiT blocks, VAE residual blocks): less memory, "
-                            "about a third more compute, the same numbers")
-    model.add_argument("--vae", type=str, default=vae_default,
-                       help="VAE layout: f8d4, f16d32 (f8d4-tiny, f16d32-tiny: smoke-run sizes), or diffusers: any "
-                            "diffusers AutoencoderKL folder or hub id given as --vae-ckpt")
-    model.add_argument("--vae-ckpt", type=str, default=vae_ckpt_default,
-                       help="NAME.pt (NAME-latents-stats.pt beside it), .safetensors, diffusers folder, or hub id "
-                            "(REPA-E/e2e-vavae, hf://OWNER/NAME/FILE) fetched through the Hugging Face cache")
-    model.add_argument("--enc-type", type=str, default="dinov2-vit-b",
-                       help="frozen encoder(s) REPA aligns to, comma-separated, e.g. dinov2-vit-b")
-    model.add_argument("--enc-ckpt", type=str, default=None,
-                       help="encoder weights (official or timm format): path or hub id, comma-separated per encoder")
-    model.add_argument("--enc-random-init", action="store_true", help="random-weight encoders (smoke runs only)")
-    model.add_argument("--enc-allow-torchscript", action="store_true",
-                       help="allow encoder weights in TorchScript form (the CLIP file); loading one runs its code")
-
-    data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", type=str, default="data", help="folder with images.h5 (preprocessing.py)")
-    data.add_argument("--resolution", type=int, default=256, help="image side in pixels; must match images.h5")
-    data.add_argument("--batch-size", type=int, default=256,
-                      help="global batch size over all processes (each process gets an equal share)")
-    data.add_argument("--num-workers", type=int, default=4, help="data loader workers per process")
-
-    optim = parser.add_argument_group("optimization")
-    optim.add_argument("--allow-tf32", action=bool_flag, default=True, help="TF32 matmuls on GPUs")
-    optim.add_argument("--mixed-precision", type=str, default="fp16", choices=["no", "fp16", "bf16"],
-                       help="autocast dtype (fp16 with a gradient scaler; on CPU too)")
-    optim.add_argument("--epochs", type=int, default=1400, help="stop after this many epochs at most")
-    optim.add_argument("--max-train-steps", type=int, default=400000, help="optimization steps of the run")
-    optim.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
-    optim.add_argument("--learning-rate", type=float, default=1e-4, help="SiT AdamW learning rate")
-    optim.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1 (every optimizer)")
-    optim.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2 (every optimizer)")
-    optim.add_argument("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay (every optimizer)")
-    optim.add_argument("--adam-epsilon", type=float, default=1e-08, help="AdamW epsilon (every optimizer)")
-    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (every update)")
-    optim.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise")
-    optim.add_argument("--max-nonfinite-steps", type=int, default=50,
-                       help="stop after this many consecutive steps with a non-finite loss or gradient")
-    optim.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the SiT (short runs: 0.99)")
-
-    loss = parser.add_argument_group("diffusion loss")
-    loss.add_argument("--path-type", type=str, default="linear", choices=["linear", "cosine"],
-                      help="interpolant between data and noise")
-    loss.add_argument("--prediction", type=str, default="v", choices=["v"], help="what the SiT predicts")
-    loss.add_argument("--weighting", type=str, default="uniform", choices=["uniform", "lognormal"],
-                      help="distribution of training times")
-    loss.add_argument("--proj-coeff", type=float, default=0.5, help="weight of the REPA loss in the SiT update")
-    return parser
-
-
-def check_training_args(args):
-    """Reject inconsistent flags, naming the flag; imports the model registries (torch) only now."""
-    from models.autoencoder import vae_names
-    from models.sit import SiT_models
-    from utils.latents import vae_downsample_factor
-
-    if args.model not in SiT_models:
-        raise UserError(f"--model {args.model}: unknown; choose one of {', '.join(SiT_models)}")
-    if args.vae not in vae_names:
-        raise UserError(f"--vae {args.vae}: unknown; choose one of {', '.join(vae_names)}")
-    factor = vae_downsample_factor(args.vae, args.vae_ckpt)  # the layout only (--vae diffusers: its folder's config)
-    if args.resolution % factor:
-        raise UserError(f"--resolution {args.resolution} must be divisible by {factor} for --vae {args.vae}")
-    for flag in ("batch_size", "max_train_steps", "checkpointing_steps", "sampling_steps",
-                 "gradient_accumulation_steps", "log_every", "sample_batch_size"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
-    if args.mixed_precision == "fp16" and args.gradient_accumulation_steps > 1:
-        # The optimizers share one gradient scaler whose scale may change between their updates.
-        raise UserError("--gradient-accumulation-steps > 1 needs --mixed-precision bf16 or no (not fp16)")
-    return args
-
-
 def repository_file(path, flag):
     """A resource path as given when it exists, else relative to the repository (so scripts run from any folder)."""
     given = Path(path)
@@ -130,16 +20,39 @@ def repository_file(path, flag):
     raise UserError(f"{flag} {path}: no such file (looked in {Path.cwd()} and {ROOT})")
 
 
+def _bounded(kind, low, high, low_open=False, what=None):
+    """An argparse type: `kind` values in [low, high] (open at low if low_open); its name says the range in errors."""
+    def parse(text):
+        value = kind(text)
+        below = value <= low if low_open else value < low
+        if (low is not None and below) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    parse.__name__, parse.range = what, what.removeprefix("a ").removeprefix("an ")
+    return parse
+
+
+positive_int = _bounded(int, 0, None, low_open=True, what="a positive integer (>= 1)")
+non_negative_int = _bounded(int, 0, None, what="a non-negative integer (>= 0)")
+positive_float = _bounded(float, 0.0, None, low_open=True, what="a positive number (> 0)")
+non_negative_float = _bounded(float, 0.0, None, what="a non-negative number (>= 0)")
+unit_float = _bounded(float, 0.0, 1.0, what="a number in [0, 1]")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the layout of a script's docstring."""
+    """Show defaults and the valid range of bounded flags, and keep the layout of a script's docstring."""
+
+    def _get_help_string(self, action):
+        help_text = super()._get_help_string(action)
+        bounds = getattr(action.type, "range", None)
+        return f"{help_text} [{bounds}]" if bounds else help_text
 
 
-def add_vae_eval_flags(parser):
-    """--vae, --vae-ckpt (one or several VAEs) and --data-dir, as the VAE evaluation scripts take them."""
-    parser.add_argument("--vae", type=str, default="f8d4",
-                        help="VAE layout: f8d4 or f16d32 (f8d4-tiny, f16d32-tiny for smoke runs), or diffusers for "
-                             "any diffusers AutoencoderKL folder")
-    parser.add_argument("--vae-ckpt", type=str, nargs="+", required=True,
-                        help="one or more VAEs (NAME.pt, .safetensors, diffusers folder or hub id); 'none' is a "
-                             "random VAE (smoke runs)")
-    parser.add_argument("--data-dir", type=str, default="data", help="folder holding images.h5 (preprocessing.py)")
+def vae_kind_help(ckpt_flag):
+    """Help of the flag that names a VAE's kind (--vae, --vae-arch); ckpt_flag names its weights."""
+    return ("VAE layout: f8d4, f16d32 (f8d4-tiny, f16d32-tiny: smoke-run sizes), or diffusers: any diffusers "
+            f"AutoencoderKL folder or hub id given as {ckpt_flag}")
+
+
+VAE_CKPT_HELP = ("NAME.pt (NAME-latents-stats.pt beside it), .safetensors, a diffusers AutoencoderKL folder, or a hub "
+                 "id (REPA-E/e2e-vavae, hf://OWNER/NAME/FILE) fetched through the Hugging Face cache")

@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from utils.errors import UserError
+
 # The names atomic_write gives its temporaries: .NAME.XXXXXXXX.tmp (tempfile's random lowercase characters).
 TEMPORARY_NAME = re.compile(r"\..+\.[a-z0-9_]+\.tmp")
 
@@ -48,7 +50,20 @@ def atomic_write(path, folder=False):
         raise
 
 
-def write_json(path, data):
-    """Write data as indented JSON, atomically."""
+def write_json(path, data, announce=False):
+    """Write data as indented JSON, atomically; announce=True prints where."""
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+    if announce:
+        print(f"Wrote {path}")
+
+
+def read_json(path, fix="remove it"):
+    """The JSON object in a file; a damaged one raises UserError naming it and saying `fix`."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as error:
+        raise UserError(f"{path} is not valid JSON ({error}): {fix}") from error
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object: {fix}")
+    return value

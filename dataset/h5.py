@@ -1,4 +1,4 @@
-"""Datasets over the packed HDF5 files (images.h5 and the cached latents NAME.h5) and a resumable sampler.
+"""Datasets over the packed HDF5 files (images.h5 and the cached latents NAME.h5).
 
 Files (written by preprocessing.py and cache_latents.py):
   DATA/images.h5       `00000/img00000000.png` uncompressed PNG bytes per image, `dataset.json` labels
@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from utils.errors import UserError
 
@@ -165,93 +165,33 @@ class ImageDataset(Dataset):
         return torch.from_numpy(image), torch.tensor(self.labels[index])
 
 
-class ImageLatentDataset(Dataset):
+class ImageLatentDataset(ImageDataset):
     """Images plus cached latents (DATA/NAME.h5): item i is (uint8 image, float32 (2C, h, w) mean-std, label)."""
 
     def __init__(self, data_dir, vae_latents_name="repae-invae-400k"):
-        self.data_dir = data_dir
-        check_data_files(data_dir, [IMAGES_H5, IMAGES_JSON], f"preprocessing.py --output-path {data_dir}")
+        super().__init__(data_dir)
         latents_h5, latents_json = f"{vae_latents_name}.h5", f"{vae_latents_name}_h5.json"
         check_data_files(data_dir, [latents_h5, latents_json],
                          f"cache_latents.py --data-dir {data_dir} --output-dir {data_dir} "
                          f"--vae-latents-name {vae_latents_name}")
-        self.images_h5_path = os.path.join(data_dir, IMAGES_H5)
         latents_h5 = os.path.join(data_dir, latents_h5)
-        self.image_fnames = _list_entries(os.path.join(data_dir, IMAGES_JSON), ".png")
         self.feature_fnames = _list_entries(os.path.join(data_dir, latents_json), ".npy")
         self._check_pairs(latents_h5)
         # Labels come from the latents file (cache_latents.py copies them from images.h5).
         self.labels = _read_labels(latents_h5, self.feature_fnames)
-        self.images_h5, self.features_h5 = LazyH5(self.images_h5_path), LazyH5(latents_h5)
+        self.features_h5 = LazyH5(latents_h5)
 
     def _check_pairs(self, latents_h5):
         """Item i pairs image i with its own latent: the two lists must match one to one."""
         fix = f"write it again with {rewrite_hint(latents_h5)}"
-        if len(self.image_fnames) != len(self.feature_fnames):
+        if len(self.filelist) != len(self.feature_fnames):
             raise UserError(f"{latents_h5} lists {len(self.feature_fnames)} latents but images.h5 lists "
-                            f"{len(self.image_fnames)} images: {fix}")
-        for image, latent in zip(self.image_fnames, self.feature_fnames):
+                            f"{len(self.filelist)} images: {fix}")
+        for image, latent in zip(self.filelist, self.feature_fnames):
             if latent_name(image) != latent:
                 raise UserError(f"{latents_h5}: latent {latent} does not belong to image {image}: {fix}")
 
-    @functools.cached_property
-    def image_size(self):
-        """(H, W) of the images, read from the first one."""
-        return png_size(self.images_h5_path, self.image_fnames[0])
-
-    def __len__(self):
-        return len(self.feature_fnames)
-
     def __getitem__(self, index):
-        image = read_entry(self.images_h5.get(), self.image_fnames[index])
+        image = read_entry(self.h5.get(), self.filelist[index])
         latent = read_entry(self.features_h5.get(), self.feature_fnames[index])
         return torch.from_numpy(image), torch.from_numpy(latent), torch.tensor(self.labels[index])
-
-
-class ResumableDistributedSampler(Sampler):
-    """torch's DistributedSampler order (seed + epoch shuffle, rank::num_replicas) that can start mid-epoch.
-
-    Resume at local batch b of an epoch with `set_epoch(epoch, start_index=b * local_batch_size)`.
-    """
-
-    def __init__(self, dataset, num_replicas=1, rank=0, seed=0, shuffle=True, drop_last=True):
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
-        self.dataset_size = len(dataset)
-        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
-        self.shuffle, self.drop_last = shuffle, drop_last
-        if drop_last:
-            self.num_samples = self.dataset_size // num_replicas
-        else:
-            self.num_samples = -(-self.dataset_size // num_replicas)
-        if self.num_samples == 0:
-            raise UserError(f"the dataset's {self.dataset_size} samples cannot feed {num_replicas} processes: "
-                            "use more images or fewer processes")
-        self.total_size = self.num_samples * num_replicas
-        self.epoch, self.start_index = 0, 0
-
-    def set_epoch(self, epoch, start_index=0):
-        """Select the epoch's order; skip this rank's first start_index samples of it."""
-        if not 0 <= start_index <= self.num_samples:
-            raise ValueError(f"start_index {start_index} is outside [0, {self.num_samples}]")
-        self.epoch, self.start_index = epoch, start_index
-
-    def epoch_indices(self):
-        """This rank's full index list for the current epoch."""
-        if self.shuffle:
-            generator = torch.Generator()
-            generator.manual_seed(self.seed + self.epoch)
-            indices = torch.randperm(self.dataset_size, generator=generator).tolist()
-        else:
-            indices = list(range(self.dataset_size))
-        if self.drop_last:
-            indices = indices[:self.total_size]
-        else:  # pad by repeating from the start, as DistributedSampler does
-            indices = (indices * (-(-self.total_size // len(indices))))[:self.total_size]
-        return indices[self.rank:self.total_size:self.num_replicas]
-
-    def __iter__(self):
-        return iter(self.epoch_indices()[self.start_index:])
-
-    def __len__(self):
-        return self.num_samples - self.start_index

@@ -128,6 +128,13 @@ def load_state_dict_strict(module, state_dict, source):
     return module
 
 
+def uninitialized(build, device, **kwargs):
+    """build(**kwargs) on device without weight init (seconds for big models): a strict load fills every tensor."""
+    with torch.device("meta"):
+        module = build(**kwargs)
+    return module.to_empty(device=device)
+
+
 def atomic_save(obj, path):
     """torch.save through atomic_write: a crash never leaves a partial file."""
     with atomic_write(path) as tmp:

@@ -16,7 +16,7 @@ BARE_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
 STATS_SUFFIX, DISCRIMINATOR_SUFFIX = "-latents-stats.pt", "-discriminator-ckpt.pt"
 # A diffusers AutoencoderKL folder: its config, its weights (written: the first; read: either) and the latent
-# statistics that utils.diffusers_vae writes beside them when it has some.
+# statistics that weights.diffusers_format writes beside them when it has some.
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DIFFUSERS_STATS = "latents_stats.pt"

@@ -2,7 +2,7 @@
 
 Weights of each encoder are looked up, first hit wins:
   1. the `ckpt` argument, else $REPAE_ENCODER_CKPT (comma-separated, one path or hub id per encoder, see
-     utils.hub.resolve_weights);
+     weights.hub.resolve_weights);
   2. $REPAE_ENCODER_CKPT_<NAME>: the encoder name upper-cased, "-" -> "_" (REPAE_ENCODER_CKPT_DINOV2_VIT_B);
   3. the files REPA's code reads: ckpts/<file> under the working directory (MoCo v3, DINOv1, MAE, I-JEPA),
      the torch.hub checkpoint cache (official DINOv2 / DINOv1 / MAE / I-JEPA files), ~/.cache/clip/ViT-L-14.pt (CLIP);
@@ -21,9 +21,9 @@ import torch
 from timm.models import get_pretrained_cfg
 
 from models.encoders import TIMM_ARCHS, build_encoder, parse_encoder_name, to_timm_state_dict
-from utils.checkpoint import load_file, load_state_dict_strict
 from utils.errors import UserError
-from utils.hub import hub_offline, resolve_weights
+from weights.checkpoint import load_file, load_state_dict_strict
+from weights.hub import hub_offline, resolve_weights
 
 # timm pretrained tag of the official weights (its config names the official URL and the HF hub copy).
 PRETRAINED_TAGS = {"dinov2": "lvd142m", "dinov2reg": "lvd142m", "dinov1": "dino", "clip": "openai", "mae": "mae",

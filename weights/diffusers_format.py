@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from models.autoencoder import DIFFUSERS_VAE, AutoencoderKL, DiffusersAutoencoder, vae_arch_of
-from utils.checkpoint import atomic_save, load_file, load_state_dict_strict
 from utils.errors import UserError
 from utils.files import atomic_write
-from utils.hub import DIFFUSERS_CONFIG, DIFFUSERS_STATS, DIFFUSERS_WEIGHTS
-from utils.latents import (
+from weights.checkpoint import atomic_save, load_file, load_state_dict_strict, uninitialized
+from weights.hub import DIFFUSERS_CONFIG, DIFFUSERS_STATS, DIFFUSERS_WEIGHTS
+from weights.latent_stats import (
     check_latents_stats,
     diffusers_config_from_stats,
     stats_from_diffusers_config,
@@ -187,9 +187,7 @@ def load_diffusers_vae_folder(folder):
         raise UserError(f"{folder} is not a diffusers AutoencoderKL folder ({DIFFUSERS_CONFIG} + weights "
                          f"{DIFFUSERS_WEIGHTS})")
     config = json.loads((folder / DIFFUSERS_CONFIG).read_text())
-    with torch.device("meta"):  # every tensor is loaded below, so skip the random init
-        vae = _our_model_for(config, folder)
-    vae = vae.to_empty(device="cpu")
+    vae = uninitialized(_our_model_for, "cpu", config=config, folder=folder)
     # diffusers' own loader reads .safetensors or .bin and renames attention keys of older checkpoints.
     reference = diffusers.AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
     load_state_dict_strict(vae, from_diffusers_state_dict(vae, reference.state_dict()), str(folder))
@@ -205,9 +203,7 @@ def empty_diffusers_autoencoder(config, device="cpu"):
     """DiffusersAutoencoder of a diffusers AutoencoderKL config on device, uninitialised: a strict load fills it."""
     import diffusers
 
-    with torch.device("meta"):  # seconds saved on large VAEs: every tensor is loaded afterwards
-        vae = DiffusersAutoencoder(diffusers.AutoencoderKL.from_config(config))
-    return vae.to_empty(device=device)
+    return uninitialized(lambda: DiffusersAutoencoder(diffusers.AutoencoderKL.from_config(config)), device)
 
 
 def load_diffusers_autoencoder(folder):
