@@ -101,18 +101,18 @@ def main(argv=None):
         if os.path.exists(path) and not args.overwrite:
             raise UserError(f"{path} already exists; pass --overwrite to replace it")
 
-    from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
     from dataset.h5 import ImageDataset, latent_name
     from models.autoencoder import latent_shape
+    from training.distributed import launched_accelerator
     from weights.vae import resolve_vae
 
     vae_source = resolve_vae(args.vae_arch, "none" if args.vae_random_init else args.vae_ckpt_path,
                              arch_flag="--vae-arch", ckpt_flag="--vae-ckpt-path")
     dataset = ImageDataset(args.data_dir)
 
-    accelerator = Accelerator()
+    accelerator = launched_accelerator()
     vae, _ = vae_source.load(seed=0)  # a random VAE (smoke runs) has the same weights on every process
     vae = vae.to(accelerator.device).eval()
     channels, height, width = latent_shape(vae, dataset.image_size[0])  # images.h5 holds square crops

@@ -213,14 +213,18 @@ def evaluate_outputs(out, npz, vae_ckpt, quick):
 def print_what_to_see(outputs, cfg):
     """What each picture shows when the demo learned (all images are 32x32 pixels)."""
     repae, ldm = f"{cfg['repae_steps']:07d}.png", f"{cfg['ldm_steps']:07d}.png"
+    learned = ("shows blurred\n    but recognisable photographs: the astronaut's orange suit, the brown cat, the cup "
+               "on its red saucer, the\n    dark blue sky of the rocket, the black Hubble field, the beige tissue, the "
+               "red retina, the rainbow wheel\n    (a small coloured spot in the middle of many is an artefact of the "
+               "young VAE).")
+    trained = learned if cfg["ldm_steps"] >= SETTINGS["full"]["ldm_steps"] else (
+        f"after only {cfg['ldm_steps']} steps (--quick) still shows\n    coloured noise: the run checks that every "
+        "stage works, not that it learns (the full demo shows the photographs).")
     print(f"""
 What each picture should show (the classes, in order: {', '.join(PHOTOS)}):
   {outputs['REPA-E sample grids']}: 16 EMA samples of random classes (CFG {CFG_SCALE}); 0000001.png is the
     untrained SiT through the random VAE (flat noise), {repae} the end of end-to-end training.
-  {outputs['LDM-only sample grids']}: the same for the SiT trained on the E2E-VAE's latents; {ldm} shows blurred
-    but recognisable photographs: the astronaut's orange suit, the brown cat, the cup on its red saucer, the
-    dark blue sky of the rocket, the black Hubble field, the beige tissue, the red retina, the rainbow wheel
-    (a small coloured spot in the middle of many is an artefact of the young VAE).
+  {outputs['LDM-only sample grids']}: the same for the SiT trained on the E2E-VAE's latents; {ldm} {trained}
   {outputs['generated PNGs']}: generate.py's samples of random classes, as in the last LDM grid.
   {outputs['nearest-neighbour check (samples | nearest training images)']}: a row per class: its
     {SAMPLES_PER_CLASS} samples, then the nearest training image of each; in a recognised class most of the right

@@ -11,7 +11,7 @@ Also reported: the mean and standard deviation of every latent channel over all 
 """
 import argparse
 
-from evaluation.flags import add_inception_flags, add_output_flags, add_vae_eval_flags
+from evaluation.flags import add_inception_flags, add_output_flags, add_vae_eval_flags, resolve_device
 from utils.cli import HelpFormatter, non_negative_int, positive_int
 from utils.errors import report_user_errors
 
@@ -93,15 +93,16 @@ def run(args):
     from loss.lpips import build_lpips
     from weights.vae import load_vaes
 
+    device = resolve_device(args.device)
     dataset = ImageDataset(args.data_dir)
     vaes = load_vaes(args.vae, args.vae_ckpt, dataset.image_size, args.seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # full float32 metrics
     count = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     loader = DataLoader(Subset(dataset, range(count)), batch_size=args.batch_size, num_workers=args.num_workers)
     torch.manual_seed(args.seed)  # a random LPIPS trunk is the same in every run
     lpips = build_lpips(pretrained_trunk=not args.lpips_random_init).to(device)
-    inception = build_inception(args.inception_weights, args.inception_random_init, device) if args.rfid else None
+    inception = build_inception(args.inception_weights, args.inception_random_init, device,
+                                other_ways_out=["--no-rfid (no rFID)"]) if args.rfid else None
     reference = fid_statistics(original_features(inception, loader)) if args.rfid else None
     results = {}
     for ckpt, vae in vaes.items():

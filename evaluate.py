@@ -9,7 +9,7 @@ present, are used as they are); SAMPLES is the .npz generate.py writes. Both are
 """
 import argparse
 
-from evaluation.flags import add_inception_flags, add_output_flags
+from evaluation.flags import add_inception_flags, add_output_flags, resolve_device
 from utils.cli import HelpFormatter, positive_int
 from utils.errors import UserError, report_user_errors
 
@@ -66,7 +66,7 @@ def evaluate(args):
         raise UserError(f"{args.ref_batch} holds {ref_images.shape[1:]} images but {args.sample_batch} "
                          f"{sample_images.shape[1:]}: score samples against the reference batch of their resolution")
     ref_statistics = read_reference_statistics(args.ref_batch)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 features, as TF's
     net = build_inception(args.inception_weights, args.inception_random_init, device)
 

@@ -13,12 +13,13 @@ decodes the sample grids. Then the EMA of the SiT.
 Heavy libraries are imported inside the functions that use them, so that --help answers at once.
 """
 from training.flags import training_parser
-from utils.errors import report_user_errors
+from utils.errors import UserError, report_user_errors
 
 
 def build_parser():
     """Published train_ldm_only.py flags."""
-    parser = training_parser("SiT + REPA training on latents cached from a frozen VAE", model_default="SiT-XL/1",
+    parser = training_parser("SiT + REPA training on latents cached from a frozen VAE", trainer="train_ldm_only.py",
+                             model_default="SiT-XL/1",
                              vae_default="f16d32", vae_ckpt_default="pretrained/e2e-vavae-400k/e2e-vavae-400k.pt")
     ldm = parser.add_argument_group("latent diffusion")
     ldm.add_argument("--vae-latents-name", type=str, default="e2e-vavae-400k",
@@ -76,6 +77,12 @@ def build(args, accelerator, dataset):
     vae, latents_stats = load_vae(args.vae, args.vae_ckpt)
     vae = vae.to(device).eval().requires_grad_(False)
     shape = latent_shape(vae, args.resolution)
+    cached = dataset.latent_shape  # posterior mean and std
+    if cached != (2 * shape[0], *shape[1:]):
+        raise UserError(f"--vae-latents-name {args.vae_latents_name}: the latents cached in {args.data_dir} are "
+                        f"{cached[0] // 2}x{cached[1]}x{cached[2]}, but --vae {args.vae} --vae-ckpt {args.vae_ckpt} "
+                        f"makes {'x'.join(map(str, shape))} latents: cache them with this VAE (cache_latents.py) or "
+                        "pass the VAE they were cached with")
     sit = build_sit(args.model, shape, encoders.embed_dims, num_classes=args.num_classes,
                     cfg_prob=args.cfg_prob, encoder_depth=args.encoder_depth, qk_norm=args.qk_norm,
                     fused_attn=args.fused_attn).to(device)
@@ -106,7 +113,7 @@ def main(args):
     device = accelerator.device
     dataset = ImageLatentDataset(args.data_dir, args.vae_latents_name)
     check_dataset(dataset, resolution=args.resolution, global_batch_size=args.batch_size,
-                  num_processes=accelerator.num_processes)
+                  num_processes=accelerator.num_processes, num_classes=args.num_classes)
 
     set_seed(args.seed)  # the same initial weights on every process
     nets, vae, shape, dataloader, sampler = build(args, accelerator, dataset)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from training.flags import training_parser
 from training.nets import SiTNets
-from utils.cli import repository_file
+from utils.cli import non_negative_float, positive_float, repository_file, unit_float
 from utils.errors import report_user_errors
 
 if TYPE_CHECKING:
@@ -41,17 +41,20 @@ class Nets(SiTNets):
 
 def build_parser():
     """Published train_repae.py flags, plus smoke-run and ablation switches."""
-    parser = training_parser("REPA-E end-to-end training of a SiT and its VAE", model_default="SiT-XL/2",
+    parser = training_parser("REPA-E end-to-end training of a SiT and its VAE", trainer="train_repae.py",
+                             model_default="SiT-XL/2",
                              vae_default="f8d4", vae_ckpt_default="pretrained/sdvae-f8d4/sdvae-f8d4.pt")
     repae = parser.add_argument_group("end-to-end training")
-    repae.add_argument("--bn-momentum", type=float, default=0.1, help="momentum of the SiT's batch-norm normalizer")
+    repae.add_argument("--bn-momentum", type=unit_float, default=0.1,
+                       help="momentum of the SiT's batch-norm normalizer")
     repae.add_argument("--disc-pretrained-ckpt", type=str, default=None,
                        help="discriminator weights: a path or a hub id (REPA-E/sdvae means its discriminator file)")
     repae.add_argument("--loss-cfg-path", type=str, default="configs/l1_lpips_kl_gan.yaml",
                        help="VAE regularizer config (relative paths also resolve against the repository)")
-    repae.add_argument("--vae-learning-rate", type=float, default=1e-4, help="VAE AdamW learning rate")
-    repae.add_argument("--disc-learning-rate", type=float, default=1e-4, help="discriminator AdamW learning rate")
-    repae.add_argument("--vae-align-proj-coeff", type=float, default=1.5,
+    repae.add_argument("--vae-learning-rate", type=positive_float, default=1e-4, help="VAE AdamW learning rate")
+    repae.add_argument("--disc-learning-rate", type=positive_float, default=1e-4,
+                       help="discriminator AdamW learning rate")
+    repae.add_argument("--vae-align-proj-coeff", type=non_negative_float, default=1.5,
                        help="weight of the REPA loss in the VAE update")
     repae.add_argument("--lpips-random-init", action="store_true",
                        help="random LPIPS VGG trunk when its weights are not available offline (smoke runs)")
@@ -236,7 +239,7 @@ def main(args):
     loss_config = load_loss_config(repository_file(args.loss_cfg_path, "--loss-cfg-path"), "--loss-cfg-path")
     dataset = ImageDataset(args.data_dir)
     check_dataset(dataset, resolution=args.resolution, global_batch_size=args.batch_size,
-                  num_processes=accelerator.num_processes)
+                  num_processes=accelerator.num_processes, num_classes=args.num_classes)
 
     set_seed(args.seed)  # the same initial weights on every process
     nets, dataloader, sampler = build(args, accelerator, dataset, loss_config)

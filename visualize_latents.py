@@ -10,7 +10,7 @@ each component is stretched between its 1st and 99th percentile, and its sign fi
 import argparse
 from pathlib import Path
 
-from evaluation.flags import add_vae_eval_flags
+from evaluation.flags import add_vae_eval_flags, resolve_device
 from utils.cli import HelpFormatter, non_negative_int, positive_int
 from utils.errors import UserError, report_user_errors
 
@@ -83,9 +83,9 @@ def run(args):
     from utils.files import atomic_write
     from weights.vae import load_vaes
 
+    device = resolve_device(args.device)
     dataset = ImageDataset(args.data_dir)
     vaes = load_vaes(args.vae, args.vae_ckpt, dataset.image_size, args.seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     indices = range(args.start_index, min(args.start_index + args.num_images, len(dataset)))
     if not indices:
         raise UserError(f"--start-index {args.start_index} is past the {len(dataset)} images of {args.data_dir}")

@@ -191,6 +191,12 @@ class ImageLatentDataset(ImageDataset):
             if latent_name(image) != latent:
                 raise UserError(f"{latents_h5}: latent {latent} does not belong to image {image}: {fix}")
 
+    @functools.cached_property
+    def latent_shape(self):
+        """(2C, h, w) of the cached posterior moments (mean then std), read from the first entry."""
+        with open_h5(self.features_h5.path) as h5f:
+            return tuple(h5f[self.feature_fnames[0]].shape)
+
     def __getitem__(self, index):
         image = read_entry(self.h5.get(), self.filelist[index])
         latent = read_entry(self.features_h5.get(), self.feature_fnames[index])

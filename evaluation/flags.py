@@ -1,5 +1,6 @@
 """Flags the evaluation scripts share. Importing this module imports no torch."""
 from utils.cli import VAE_CKPT_HELP, vae_kind_help
+from utils.errors import UserError
 
 
 def add_vae_eval_flags(parser):
@@ -23,3 +24,18 @@ def add_output_flags(parser):
     """--device and --json."""
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+
+
+def resolve_device(device):
+    """The --device to run on: as given (UserError when it names CUDA and there is none), else cuda when available."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device; pass cuda or cpu") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here; pass --device cpu")
+    return device

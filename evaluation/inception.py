@@ -31,15 +31,20 @@ INCEPTION_ENV = "REPAE_INCEPTION_WEIGHTS"
 SPATIAL_CHANNELS = 7  # the evaluator's spatial[..., :7]
 
 
-def inception_weights_path(path=None):
-    """The Inception weights: `path`, else $REPAE_INCEPTION_WEIGHTS, else torch-fidelity's torch hub cache file."""
+def inception_weights_path(path=None, other_ways_out=()):
+    """The Inception weights: `path`, else $REPAE_INCEPTION_WEIGHTS, else torch-fidelity's torch hub cache file.
+
+    other_ways_out: flags of the calling script that also get past missing weights, offered before
+    --inception-random-init, e.g. ("--no-rfid (no rFID)",).
+    """
     cache_file = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     path = path or os.environ.get(INCEPTION_ENV) or cache_file
     if not Path(path).is_file():
+        ways_out = " or ".join([*other_ways_out, "--inception-random-init (smoke runs)"])
         raise FileNotFoundError(
             f"Inception weights {INCEPTION_FILE} not found at {path}: download {INCEPTION_URL} into "
             f"{cache_file.parent} (set TORCH_HOME for another cache), or point --inception-weights or "
-            f"{INCEPTION_ENV} at the file")
+            f"{INCEPTION_ENV} at the file, or pass {ways_out}")
     return Path(path)
 
 
@@ -91,11 +96,14 @@ class InceptionV3(FeatureExtractorInceptionV3):
         return tuple(x.float().cpu().numpy() for x in (pool, self._spatial, probs))
 
 
-def build_inception(weights=None, random_init=False, device="cpu"):
-    """The Inception network on device: from `weights` (or where inception_weights_path looks) or random."""
+def build_inception(weights=None, random_init=False, device="cpu", other_ways_out=()):
+    """The Inception network on device: from `weights` (or where inception_weights_path looks) or random.
+
+    other_ways_out: see inception_weights_path.
+    """
     if random_init:
         warnings.warn("random Inception weights: the numbers are only a smoke test, not FID/IS/precision/recall")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same random network in every run
             return InceptionV3().to(device)
-    return InceptionV3(inception_weights_path(weights)).to(device)
+    return InceptionV3(inception_weights_path(weights, other_ways_out)).to(device)

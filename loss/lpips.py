@@ -20,9 +20,8 @@ def build_lpips(pretrained_trunk=True) -> lpips.LPIPS:
     if pretrained_trunk and not vgg16_path().is_file():
         # torchvision would try to download it; fail early with what to do instead.
         raise FileNotFoundError(
-            f"LPIPS needs the torchvision VGG16 weights {VGG16_FILE}, not found at {vgg16_path()}. "
-            f"Place {VGG16_FILE} in {vgg16_path().parent} (set TORCH_HOME to use another cache), "
-            "or build the loss with a random trunk for tests and smoke runs."
+            f"LPIPS needs the torchvision VGG16 weights {VGG16_FILE}, not found at {vgg16_path()}: put the file "
+            "there (set TORCH_HOME to use another cache), or pass --lpips-random-init (smoke runs)"
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's deprecation notice for `pretrained=`

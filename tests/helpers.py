@@ -53,9 +53,11 @@ def tiny_training_flags(data_dir, output_dir, exp_name, **overrides):
 
 
 def run_script(script, *args, nproc=1, env=None, check=True, timeout=600, cwd=ROOT):
-    """Run a project script (under torchrun with gloo when nproc > 1) in cwd; returns the CompletedProcess."""
+    """Run a project script (under torchrun with gloo when nproc > 1) in cwd; returns the CompletedProcess.
+    env adds to the environment; a None value removes the variable."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
                 "ACCELERATE_USE_CPU": "true", **(env or {})}
+    full_env = {key: value for key, value in full_env.items() if value is not None}
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

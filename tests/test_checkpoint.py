@@ -173,6 +173,21 @@ def test_strict_mismatch_names_file_module_and_flags(tmp_path):
     assert torch.equal(load_state_dict_strict(linear, fitting, "ok.pt").weight, fitting["weight"])
 
 
+def test_strict_mismatch_names_the_flags_its_caller_gives():
+    with pytest.raises(UserError) as error:
+        load_state_dict_strict(torch.nn.Linear(2, 3), {"weight": torch.ones(3, 4)}, "small.pt", flags="--vae")
+    assert str(error.value).splitlines()[0] == "small.pt does not fit Linear: check --vae against the checkpoint"
+
+
+def test_folder_given_as_checkpoint_file_is_named_a_folder(tmp_path):
+    with pytest.raises(IsADirectoryError) as error:
+        load_file(tmp_path)
+    assert str(error.value) == (f"{tmp_path} is a folder, not a checkpoint file: pass a .pt/.pth or .safetensors "
+                                "file")
+    with pytest.raises(FileNotFoundError, match=f"^checkpoint file not found: {tmp_path / 'nothere.pt'}$"):
+        load_file(tmp_path / "nothere.pt")
+
+
 def test_newest_readable_checkpoint_skips_damaged_newer_ones(tmp_path):
     assert newest_readable_checkpoint(tmp_path) == (None, [])
     for step in (1, 2, 3, 4):

@@ -15,7 +15,7 @@ from huggingface_hub import constants
 
 import generate
 import save_vae_weights
-from helpers import assert_same_state, make_dataset, run_script, tiny_training_flags
+from helpers import assert_same_state, file_mode, make_dataset, run_script, tiny_training_flags, umask
 from models.autoencoder import DiffusersAutoencoder, latent_shape
 from models.sit import SiT
 from training.flags import check_training_args
@@ -165,8 +165,11 @@ def test_export_loads_in_diffusers_and_matches_the_trained_weights(folders, name
     checkpoint = tiny_repae_checkpoint(vae)
     path = tmp_path / "0000001.pt"
     torch.save(checkpoint, path)
-    outputs = save_vae_weights.main(["--repae-ckpt", str(path), "--vae-name", "tuned", "--save-dir", str(tmp_path)])
+    with umask(0o022):
+        outputs = save_vae_weights.main(["--repae-ckpt", str(path), "--vae-name", "tuned", "--save-dir",
+                                         str(tmp_path)])
     assert set(outputs) == {"latents_stats", "discriminator", "diffusers"}  # no NAME.pt: weights need their config
+    assert {file_mode(file) for file in outputs["diffusers"].iterdir()} == {0o644}  # none private
     exported = diffusers.AutoencoderKL.from_pretrained(outputs["diffusers"]).eval()
     assert_same_outputs(vae_from_checkpoint("diffusers", checkpoint, path), exported)
     config = json.loads((folders[name] / "config.json").read_text())

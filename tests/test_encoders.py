@@ -5,6 +5,7 @@ import huggingface_hub
 import pytest
 import timm
 import torch
+from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
@@ -41,6 +42,15 @@ def randomize_(model):
         elif name in ("cls_token", "reg_token", "pos_embed"):
             param.data.normal_(0, 0.5)
     return model
+
+
+def hf_cache_snapshot(hf_cache, repo):
+    """The snapshot folder of repo's main revision in the Hugging Face cache layout, as a download leaves it."""
+    storage = hf_cache / f"models--{repo.replace('/', '--')}"
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text("0" * 40)
+    (storage / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    return storage / "snapshots" / ("0" * 40)
 
 
 def to_official_dinov2(timm_state):
@@ -97,7 +107,7 @@ def test_small_encoders_run(name, resolution):
 
 
 def test_several_encoders_in_one_call():
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match=r"^encoder \S+: random weights \(--enc-random-init\); its features"):
         encoders, types, archs = load_encoders("dinov2-vit-b,mocov3-vit-l", "meta", random_init=True)
     assert [e.embed_dim for e in encoders] == [768, 1024]
     assert (types, archs) == (["dinov2", "mocov3"], ["vit", "vit"])
@@ -141,11 +151,8 @@ def test_hub_cache_dinov2_518_checkpoint_resampled_as_published(no_weights_anywh
 
 def test_timm_weights_from_the_hf_cache(no_weights_anywhere):
     source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
-    repo = no_weights_anywhere / "hf" / "models--timm--vit_small_patch14_dinov2.lvd142m"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
-    save_file(source.state_dict(), repo / "snapshots" / ("0" * 40) / "model.safetensors")
+    snapshot = hf_cache_snapshot(no_weights_anywhere / "hf", "timm/vit_small_patch14_dinov2.lvd142m")
+    save_file(source.state_dict(), snapshot / "model.safetensors")
     (encoder,), _, _ = load_encoders("dinov2-vit-s", "cpu")
     torch.testing.assert_close(encoder.pos_embed, resample_abs_pos_embed(source.pos_embed, [16, 16]), rtol=0, atol=0)
 
@@ -195,8 +202,8 @@ def test_weights_that_are_no_state_dict_are_named(tmp_path):
     with pytest.raises(UserError, match=f"^encoder weights {path} hold a Tensor, not a state dict$"):
         load_encoders("mocov3-vit-s", "meta", resolution=16, ckpt=str(path))
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3)}, path)
-    with pytest.raises(UserError, match=f"^encoder weights {path} does not fit VisionTransformer: check the model "
-                                        r"flags \(e\.g\. --model, --vae, --enc-type\)"):
+    with pytest.raises(UserError, match=f"^encoder weights {path} does not fit VisionTransformer: check --enc-type "
+                                        "against the checkpoint"):
         load_encoders("mocov3-vit-s", "cpu", resolution=16, ckpt=str(path))
 
 
@@ -205,12 +212,74 @@ def test_missing_weights_error_says_what_to_get(no_weights_anywhere):
         load_encoders("dinov2-vit-b", "cpu")
     message = str(error.value)
     for part in ("dinov2_vitb14_pretrain.pth", "torch/hub/checkpoints", "REPAE_ENCODER_CKPT_DINOV2_VIT_B",
-                 "timm/vit_base_patch14_dinov2.lvd142m", "random_init=True"):
+                 "timm/vit_base_patch14_dinov2.lvd142m", "--enc-ckpt", "is fetched when HF_HUB_OFFLINE is unset"):
         assert part in message
+    assert message.endswith("For a smoke run without weights pass --enc-random-init.")
     with pytest.raises(FileNotFoundError, match=r"ckpts/mocov3_vitb\.pth.*moco-v3|moco-v3.*ckpts/mocov3_vitb\.pth"):
         load_encoders("mocov3-vit-b", "cpu")
     with pytest.raises(FileNotFoundError, match="nope.pth does not exist"):
         load_encoders("dinov2-vit-b", "cpu", ckpt="nope.pth")
+
+
+@pytest.fixture
+def online_hub(no_weights_anywhere, monkeypatch):
+    """HF_HUB_OFFLINE unset; the hub's requests are recorded and answered by `answers` (nothing reaches the network).
+
+    answers maps a file name to what its metadata request does: an exception to raise, else a path that the
+    download returns.
+    """
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    calls, answers = [], {}
+
+    def metadata(url, **kwargs):
+        calls.append(("metadata", url.rsplit("/", 1)[-1]))
+        answer = answers.get(url.rsplit("/", 1)[-1], ConnectionError("hub unreachable"))
+        if isinstance(answer, Exception):
+            raise answer
+
+    def download(repo, filename, **kwargs):
+        calls.append(("download", filename))
+        answer = answers.get(filename, ConnectionError("hub unreachable"))
+        if isinstance(answer, Exception):
+            raise answer
+        return str(answer)
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", metadata)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return calls, answers
+
+
+def test_unreachable_hub_is_asked_once_without_retries(online_hub):
+    calls, _ = online_hub
+    with pytest.raises(FileNotFoundError) as error:
+        load_encoders("dinov2-vit-s", "cpu")
+    # hf_hub_download retries an unreachable hub for about a minute per file: one bounded request instead
+    assert calls == [("metadata", "model.safetensors")]
+    assert ("The timm copy on the Hugging Face hub (timm/vit_small_patch14_dinov2.lvd142m) is not in the cache and "
+            "could not be fetched.") in str(error.value)
+
+
+def test_hub_cache_is_read_first_when_online(online_hub, no_weights_anywhere):
+    calls, _ = online_hub
+    source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
+    snapshot = hf_cache_snapshot(no_weights_anywhere / "hf", "timm/vit_small_patch14_dinov2.lvd142m")
+    torch.save(source.state_dict(), snapshot / "pytorch_model.bin")  # the second name: every name is looked up first
+    (encoder,), _, _ = load_encoders("dinov2-vit-s", "cpu")
+    assert calls == []
+    torch.testing.assert_close(encoder.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight, rtol=0, atol=0)
+
+
+def test_reachable_hub_fetches_the_name_the_repo_holds(online_hub, tmp_path):
+    calls, answers = online_hub
+    source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
+    save_file(source.state_dict(), tmp_path / "downloaded.safetensors")
+    answers.update({"model.safetensors": EntryNotFoundError("no model.safetensors"),
+                    "pytorch_model.bin": tmp_path / "downloaded.safetensors"})
+    (encoder,), _, _ = load_encoders("dinov2-vit-s", "cpu")
+    assert calls == [("metadata", "model.safetensors"), ("metadata", "pytorch_model.bin"),
+                     ("download", "pytorch_model.bin")]
+    torch.testing.assert_close(encoder.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("enc_type", ["dinov2-vit-x", "foo-vit-b", "dinov2-vitb", "clip-vit-l", "mocov3-resnet-b"])

@@ -120,7 +120,7 @@ def test_eval_vae_compares_vae_forms_in_one_table(tmp_path, data_dir, images, ca
 
 @pytest.mark.parametrize("name, message", [
     ("nothere.pt", "--vae-ckpt {ckpt}: no such file or folder"),
-    ("f16d32.pt", "--vae-ckpt {ckpt}: {ckpt} does not fit AutoencoderKL: check the model flags"),
+    ("f16d32.pt", "--vae-ckpt {ckpt}: {ckpt} does not fit AutoencoderKL: check --vae f8d4-tiny against the checkpoint"),
     ("training.pt", "--vae-ckpt {ckpt}: {ckpt} holds a REPA-E training checkpoint (keys model, ema, vae, args), "
                     "not a VAE state dict: extract it with save_vae_weights.py"),
     ("text.pt", "--vae-ckpt {ckpt}: {ckpt} is not a PyTorch or safetensors checkpoint"),
@@ -139,6 +139,31 @@ def test_eval_vae_bad_checkpoint_ends_with_one_line(tmp_path, data_dir, name, me
                                            "--no-rfid", "--lpips-random-init", "--num-workers", "0", "--device", "cpu"])
     assert str(exit_info.value).startswith("error: " + message.format(ckpt=ckpt))
     assert "\n" not in str(exit_info.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--no-rfid"], "LPIPS needs the torchvision VGG16 weights vgg16-397923af.pth, not found at "
+                    "{torch}/hub/checkpoints/vgg16-397923af.pth: put the file there (set TORCH_HOME to use another "
+                    "cache), or pass --lpips-random-init (smoke runs)"),
+    (["--lpips-random-init"], "at the file, or pass --no-rfid (no rFID) or --inception-random-init (smoke runs)"),
+])
+def test_eval_vae_missing_weights_name_the_flags_that_skip_them(tmp_path, monkeypatch, data_dir, flags, message):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("REPAE_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(SystemExit) as exit_info, pytest.warns(UserWarning, match="randomly initialised VAE"):
+        report_user_errors(eval_vae.main)(["--vae", ARCH, "--vae-ckpt", "none", "--data-dir", str(data_dir),
+                                           "--num-workers", "0", "--device", "cpu", *flags])
+    assert str(exit_info.value).startswith("error: ")
+    assert message.format(torch=tmp_path / "torch") in str(exit_info.value) and "\n" not in str(exit_info.value)
+
+
+def test_eval_vae_cuda_without_gpu_ends_with_one_line(monkeypatch, data_dir):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors(eval_vae.main)(["--vae", ARCH, "--vae-ckpt", "none", "--data-dir", str(data_dir),
+                                           "--no-rfid", "--lpips-random-init", "--num-workers", "0",
+                                           "--device", "cuda"])
+    assert str(exit_info.value) == "error: --device cuda: no CUDA device is available here; pass --device cpu"
 
 
 def test_eval_vae_missing_data(tmp_path):

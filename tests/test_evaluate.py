@@ -318,6 +318,7 @@ def test_script_imports_no_torch_before_parsing():
     ("sizes", "score samples against the reference batch of their resolution"),
     ("partial_stats", "holds only some precomputed statistics (no mu_s, sigma_s)"),
     ("no_weights", f"Inception weights {INCEPTION_FILE} not found"),
+    ("no_weights", "at the file, or pass --inception-random-init (smoke runs)"),
 ])
 def test_evaluate_bad_input_ends_with_one_line(tmp_path, monkeypatch, setup, message):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -332,6 +333,20 @@ def test_evaluate_bad_input_ends_with_one_line(tmp_path, monkeypatch, setup, mes
         report_user_errors(evaluate.main)(argv)
     assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value)
     assert "\n" not in str(exit_info.value)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device cuda: no CUDA device is available here; pass --device cpu"),
+    ("cuda:1", "--device cuda:1: no CUDA device is available here; pass --device cpu"),
+    ("gpu", "--device gpu: not a device; pass cuda or cpu"),
+])
+def test_evaluate_unusable_device_ends_with_one_line(tmp_path, monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(2))
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors(evaluate.main)([str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz"), "--device", device,
+                                           "--inception-random-init"])
+    assert str(exit_info.value) == "error: " + message
 
 
 def test_evaluate_bad_file_ends_with_one_line(tmp_path):

@@ -15,7 +15,7 @@ from helpers import assert_user_error, file_mode, run_script, umask
 from models.autoencoder import to_uint8_hwc, vae_models
 from models.sit import SiT_models
 from sampling.samplers import euler_maruyama_sampler, euler_sampler
-from utils.errors import UserError
+from utils.errors import UserError, report_user_errors
 from weights.latent_stats import denormalize_latents, stats_from_batchnorm
 
 # The smoke-size SiT of the registry: generate.py builds models by registry name.
@@ -246,6 +246,23 @@ def test_missing_checkpoint(tmp_path):
     with pytest.raises(UserError, match="checkpoint not found"):
         generate.main(["--exp-path", str(tmp_path / "exp"), "--train-steps", "5", "--sample-dir", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_missing_experiment_folder_or_checkpoints_end_with_one_line(tmp_path):
+    exp = tmp_path / "exp"
+    argv = ["--exp-path", str(exp), "--sample-dir", str(tmp_path / "samples")]
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors(generate.main)(argv)
+    assert str(exit_info.value) == f"error: --exp-path {exp}: no such folder; pass the folder of a training run"
+    exp.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors(generate.main)(argv)
+    assert str(exit_info.value) == f"error: no checkpoints in {exp / 'checkpoints'}: pass --train-steps or --ckpt"
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors(generate.main)(["--ckpt", str(exp), "--sample-dir", str(tmp_path / "samples")])
+    assert str(exit_info.value) == (f"error: {exp} is a folder, not a checkpoint file: pass a .pt/.pth or "
+                                    ".safetensors file")
+    assert sorted(tmp_path.iterdir()) == [exp]
 
 
 def test_ldm_only_checkpoint_without_vae_file(setup, tmp_path):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import assert_same_state, make_dataset, run_script, save_vae_file, tiny_training_flags
+from helpers import assert_same_state, assert_user_error, make_dataset, run_script, save_vae_file, tiny_training_flags
 from models.autoencoder import vae_models
 from models.sit import SiT_models
 from weights.checkpoint import load_file
@@ -68,3 +68,15 @@ def test_ldm_only_resume_is_exact(cached, straight, tmp_path):
     again = load_file(tmp_path / "stopped" / "checkpoints" / "0000006.pt")
     for key in ("model", "ema", "opt", "rng", "data"):
         assert_same_state(reference[key], again[key], key)
+
+
+def test_latents_cached_by_another_vae_are_refused_before_anything(cached, tmp_path):
+    other = save_vae_file(tmp_path / "f16" / "f16.pt", vae_models["f16d32-tiny"](),
+                          {"latents_scale": torch.ones(1, 32, 1, 1), "latents_bias": torch.zeros(1, 32, 1, 1)})
+    data, _ = cached
+    result = run_script("train_ldm_only.py", *tiny_training_flags(data, tmp_path, "other", **{
+        "--vae": "f16d32-tiny", "--vae-ckpt": other, "--vae-latents-name": "tiny", "--model": "SiT-T/1"}),
+        check=False)
+    assert_user_error(result, "--vae-latents-name tiny: the latents cached in", "are 4x4x4",
+                      "makes 32x2x2 latents")
+    assert not (tmp_path / "other").exists()

@@ -5,7 +5,13 @@ tests; `ddp` (2 gloo processes) serves the batch-norm and two-process resume tes
 """
 import copy
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -392,3 +398,42 @@ def test_a_nonfinite_update_is_skipped_whole_without_a_host_read(step_setup):
     assert_same_state(opt_before, nets.opt_sit.state_dict(), "opt")  # moments and step count untouched
     assert not torch.equal(vae_before, nets.vae.encoder.conv_in.weight)  # the VAE update went through
     assert guard.skipped == 1
+
+
+def test_a_run_ended_by_its_epochs_checkpoints_its_last_step_and_resumes_keep_their_records(data_dir, tmp_path):
+    flags = {"--max-train-steps": 50, "--epochs": 2, "--checkpointing-steps": 3}  # 2 epochs of 4 steps end it
+    train(data_dir, tmp_path, "epochs", **flags)
+    exp = tmp_path / "epochs"
+    assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["0000003.pt", "0000006.pt", "0000008.pt"]
+    assert "Done (completed --epochs 2): 8 steps" in (exp / "log.txt").read_text()
+    for _ in range(2):  # nothing left to do: the run ends at once, and each resume keeps its own flags record
+        train(data_dir, tmp_path, "epochs", "--resume-latest", **flags)
+    assert sorted(p.name for p in exp.glob("args*.json")) == ["args-resume-0000008-2.json", "args-resume-0000008.json",
+                                                              "args.json"]
+    assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["0000003.pt", "0000006.pt", "0000008.pt"]
+
+
+def test_torchrun_on_cpu_runs_as_its_processes_without_accelerate_settings(data_dir, tmp_path):
+    result = train(data_dir, tmp_path, "two", nproc=2, check=False, env={"ACCELERATE_USE_CPU": None},
+                   **{"--batch-size": 3})
+    assert result.returncode != 0 and "error: --batch-size 3 is not divisible by the 2 processes" in result.stderr
+    assert not (tmp_path / "two").exists()
+
+
+def test_sigint_ends_the_run_at_a_step_with_its_checkpoint(data_dir, tmp_path):
+    args = tiny_training_flags(data_dir, tmp_path, "stopped", **{"--max-train-steps": 10000,
+                                                                 "--checkpointing-steps": 10000}) + LPIPS
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_repae.py"), *args], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_grid = tmp_path / "stopped" / "samples" / "0000001.png"  # written after step 1: the loop runs
+    deadline = time.monotonic() + 300
+    while not first_grid.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    log = (tmp_path / "stopped" / "log.txt").read_text()
+    done = re.search(r"Done \(stopped by SIGINT; continue with --resume-latest\): (\d+) steps", log)
+    assert done, log[-2000:]
+    assert [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()] == [f"{int(done[1]):07d}.pt"]

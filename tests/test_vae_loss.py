@@ -139,9 +139,12 @@ def test_perceptual_net_stays_in_eval(loss_fn):
 
 def test_missing_vgg_weights_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth") as err:
+    with pytest.raises(FileNotFoundError) as err:
         build_lpips(pretrained_trunk=True)
-    assert str(tmp_path / "hub" / "checkpoints") in str(err.value)
+    path = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    assert str(err.value) == (f"LPIPS needs the torchvision VGG16 weights vgg16-397923af.pth, not found at {path}: "
+                              "put the file there (set TORCH_HOME to use another cache), or pass --lpips-random-init "
+                              "(smoke runs)")
 
 
 def test_discriminator_layout():

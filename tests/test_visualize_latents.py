@@ -96,6 +96,15 @@ def test_visualize_latents_bad_input_ends_with_one_line(tmp_path, data_dir, flag
     assert not (tmp_path / "x.png").exists()
 
 
+def test_visualize_latents_cuda_without_gpu_ends_with_one_line(tmp_path, monkeypatch, data_dir):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors(visualize_latents.main)(["--vae", ARCH, "--vae-ckpt", "none", "--data-dir", str(data_dir),
+                                                    "--output", str(tmp_path / "x.png"), "--device", "cuda"])
+    assert str(exit_info.value) == "error: --device cuda: no CUDA device is available here; pass --device cpu"
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_visualize_latents_missing_or_truncated_data(tmp_path, data_dir):
     with pytest.raises(SystemExit, match=r"--data-dir .*: holds no images\.h5 and no images_h5\.json; "
                                          r"run preprocessing\.py --output-path"):

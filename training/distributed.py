@@ -1,6 +1,27 @@
 """Distributed helpers that also work with gloo on CPU."""
+import os
+
 import torch
 import torch.distributed as dist
+
+from utils.errors import UserError
+
+
+def launched_accelerator(**kwargs):
+    """An accelerate Accelerator(**kwargs) that runs as every process the launcher started.
+
+    Without a GPU, accelerate joins a torchrun process group only when told it runs on the CPU; otherwise each
+    process would run as a 1-process job of its own, all into the same folders. A process count it still cannot
+    join is refused.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise UserError(f"the launcher started {launched} processes but accelerate joined {accelerator.num_processes}: "
+                        "on CPUs launch with torchrun --nproc_per_node N (gloo)")
+    return accelerator
 
 
 def is_distributed():

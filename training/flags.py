@@ -4,13 +4,25 @@ Importing this module imports no torch, so that `--help` and flag errors answer 
 """
 import argparse
 
-from utils.cli import VAE_CKPT_HELP, vae_kind_help
+from utils.cli import (
+    VAE_CKPT_HELP,
+    HelpFormatter,
+    below_one_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unit_float,
+    vae_kind_help,
+)
 from utils.errors import UserError
 
 
-def training_parser(description, *, model_default, vae_default, vae_ckpt_default):
-    """An argument parser with the flags both training scripts take, defaults shown in --help."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def training_parser(description, *, trainer, model_default, vae_default, vae_ckpt_default):
+    """An argument parser with the flags both training scripts take, defaults shown in --help; the parsed flags
+    record `trainer` (the script), which owns the experiment folders it writes."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.set_defaults(trainer=trainer)
     bool_flag = argparse.BooleanOptionalAction
 
     run = parser.add_argument_group("experiment")
@@ -19,14 +31,15 @@ def training_parser(description, *, model_default, vae_default, vae_ckpt_default
     run.add_argument("--logging-dir", type=str, default="logs",
                      help="tracker files go to OUTPUT_DIR/LOGGING_DIR/EXP_NAME")
     run.add_argument("--report-to", type=str, default="wandb", help="wandb, tensorboard, both (comma) or none")
-    run.add_argument("--sampling-steps", type=int, default=10000, help="write an EMA sample grid every N steps")
-    run.add_argument("--checkpointing-steps", type=int, default=50000, help="write a checkpoint every N steps")
-    run.add_argument("--log-every", type=int, default=1,
+    run.add_argument("--sampling-steps", type=positive_int, default=10000,
+                     help="write an EMA sample grid every N steps")
+    run.add_argument("--checkpointing-steps", type=positive_int, default=50000, help="write a checkpoint every N steps")
+    run.add_argument("--log-every", type=positive_int, default=1,
                      help="send metrics to the progress bar and the trackers every N steps")
-    run.add_argument("--sample-batch-size", type=int, default=64, help="images in each sample grid")
-    run.add_argument("--keep-last-checkpoints", type=int, default=0,
+    run.add_argument("--sample-batch-size", type=positive_int, default=64, help="images in each sample grid")
+    run.add_argument("--keep-last-checkpoints", type=non_negative_int, default=0,
                      help="keep only the newest N checkpoints (0 keeps all)")
-    run.add_argument("--resume-step", type=int, default=0,
+    run.add_argument("--resume-step", type=non_negative_int, default=0,
                      help="resume from checkpoint N of this experiment (or of --continue-train-exp-dir)")
     run.add_argument("--continue-train-exp-dir", type=str, default=None,
                      help="experiment folder whose checkpoint --resume-step names")
@@ -38,9 +51,10 @@ def training_parser(description, *, model_default, vae_default, vae_ckpt_default
     model = parser.add_argument_group("model")
     model.add_argument("--model", type=str, default=model_default,
                        help="SiT-{S,B,L,XL}/{1,2,4,8}; SiT-T/* is a smoke-run size")
-    model.add_argument("--num-classes", type=int, default=1000, help="class labels (the null label is this number)")
-    model.add_argument("--cfg-prob", type=float, default=0.1, help="probability of dropping a label (for CFG)")
-    model.add_argument("--encoder-depth", type=int, default=8, help="SiT block whose features REPA aligns")
+    model.add_argument("--num-classes", type=positive_int, default=1000,
+                       help="class labels (the null label is this number)")
+    model.add_argument("--cfg-prob", type=unit_float, default=0.1, help="probability of dropping a label (for CFG)")
+    model.add_argument("--encoder-depth", type=positive_int, default=8, help="SiT block whose features REPA aligns")
     model.add_argument("--qk-norm", action=bool_flag, default=False, help="layer-norm queries and keys")
     model.add_argument("--fused-attn", action=bool_flag, default=True, help="scaled-dot-product attention kernel")
     model.add_argument("--compile", action=bool_flag, default=True, help="torch.compile the trained networks")
@@ -59,28 +73,30 @@ def training_parser(description, *, model_default, vae_default, vae_ckpt_default
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", type=str, default="data", help="folder with images.h5 (preprocessing.py)")
-    data.add_argument("--resolution", type=int, default=256, help="image side in pixels; must match images.h5")
-    data.add_argument("--batch-size", type=int, default=256,
+    data.add_argument("--resolution", type=positive_int, default=256, help="image side in pixels; must match images.h5")
+    data.add_argument("--batch-size", type=positive_int, default=256,
                       help="global batch size over all processes (each process gets an equal share)")
-    data.add_argument("--num-workers", type=int, default=4, help="data loader workers per process")
+    data.add_argument("--num-workers", type=non_negative_int, default=4, help="data loader workers per process")
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--allow-tf32", action=bool_flag, default=True, help="TF32 matmuls on GPUs")
     optim.add_argument("--mixed-precision", type=str, default="fp16", choices=["no", "fp16", "bf16"],
                        help="autocast dtype (fp16 with a gradient scaler; on CPU too)")
-    optim.add_argument("--epochs", type=int, default=1400, help="stop after this many epochs at most")
-    optim.add_argument("--max-train-steps", type=int, default=400000, help="optimization steps of the run")
-    optim.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
-    optim.add_argument("--learning-rate", type=float, default=1e-4, help="SiT AdamW learning rate")
-    optim.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1 (every optimizer)")
-    optim.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2 (every optimizer)")
-    optim.add_argument("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay (every optimizer)")
-    optim.add_argument("--adam-epsilon", type=float, default=1e-08, help="AdamW epsilon (every optimizer)")
-    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (every update)")
+    optim.add_argument("--epochs", type=positive_int, default=1400, help="stop after this many epochs at most")
+    optim.add_argument("--max-train-steps", type=positive_int, default=400000, help="optimization steps of the run")
+    optim.add_argument("--gradient-accumulation-steps", type=positive_int, default=1, help="micro-batches per step")
+    optim.add_argument("--learning-rate", type=positive_float, default=1e-4, help="SiT AdamW learning rate")
+    optim.add_argument("--adam-beta1", type=below_one_float, default=0.9, help="AdamW beta1 (every optimizer)")
+    optim.add_argument("--adam-beta2", type=below_one_float, default=0.999, help="AdamW beta2 (every optimizer)")
+    optim.add_argument("--adam-weight-decay", type=non_negative_float, default=0.0,
+                       help="AdamW weight decay (every optimizer)")
+    optim.add_argument("--adam-epsilon", type=positive_float, default=1e-08, help="AdamW epsilon (every optimizer)")
+    optim.add_argument("--max-grad-norm", type=positive_float, default=1.0,
+                       help="gradient clipping norm (every update)")
     optim.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise")
-    optim.add_argument("--max-nonfinite-steps", type=int, default=50,
+    optim.add_argument("--max-nonfinite-steps", type=positive_int, default=50,
                        help="stop after this many consecutive steps with a non-finite loss or gradient")
-    optim.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the SiT (short runs: 0.99)")
+    optim.add_argument("--ema-decay", type=unit_float, default=0.9999, help="EMA decay of the SiT (short runs: 0.99)")
 
     loss = parser.add_argument_group("diffusion loss")
     loss.add_argument("--path-type", type=str, default="linear", choices=["linear", "cosine"],
@@ -88,7 +104,8 @@ def training_parser(description, *, model_default, vae_default, vae_ckpt_default
     loss.add_argument("--prediction", type=str, default="v", choices=["v"], help="what the SiT predicts")
     loss.add_argument("--weighting", type=str, default="uniform", choices=["uniform", "lognormal"],
                       help="distribution of training times")
-    loss.add_argument("--proj-coeff", type=float, default=0.5, help="weight of the REPA loss in the SiT update")
+    loss.add_argument("--proj-coeff", type=non_negative_float, default=0.5,
+                      help="weight of the REPA loss in the SiT update")
     return parser
 
 
@@ -102,10 +119,9 @@ def check_training_args(args):
         raise UserError(f"--model {args.model}: unknown; choose one of {', '.join(SiT_models)}")
     vae = resolve_vae(args.vae, args.vae_ckpt)  # the layout only (--vae diffusers: its folder's config)
     check_image_size((args.resolution, args.resolution), vae.downsample_factor(), f"--vae {args.vae}")
-    for flag in ("batch_size", "max_train_steps", "checkpointing_steps", "sampling_steps",
-                 "gradient_accumulation_steps", "log_every", "sample_batch_size"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    depth = SiT_models[args.model].keywords["depth"]
+    if args.encoder_depth > depth:
+        raise UserError(f"--encoder-depth {args.encoder_depth}: {args.model} has {depth} blocks; pass 1 to {depth}")
     if args.mixed_precision == "fp16" and args.gradient_accumulation_steps > 1:
         # The optimizers share one gradient scaler whose scale may change between their updates.
         raise UserError("--gradient-accumulation-steps > 1 needs --mixed-precision bf16 or no (not fp16)")

@@ -5,6 +5,12 @@ obeys, and the counters are read by `check` only (at logging and checkpoint step
 """
 import torch
 
+from utils.errors import RunEnded
+
+
+class NonFiniteStop(RunEnded):
+    """A run of non-finite steps as long as --max-nonfinite-steps: training stops."""
+
 
 class NonFiniteGuard:
     """Counts updates skipped for a non-finite loss or gradient norm; `check` raises once max_consecutive steps in
@@ -44,7 +50,7 @@ class NonFiniteGuard:
         self._bad_this_step = torch.zeros_like(self._bad_this_step)
 
     def check(self, step):
-        """Read the counters (a host read): warn of skipped updates; raise RuntimeError after a run of bad steps."""
+        """Read the counters (a host read): warn of skipped updates; raise NonFiniteStop after a run of bad steps."""
         if self._counts is None:
             return
         for name, count in self._skipped_by_name.items():
@@ -55,7 +61,7 @@ class NonFiniteGuard:
         skipped, consecutive, worst = self._counts.tolist()
         self._counts[2] = consecutive
         if worst >= self.max_consecutive:
-            raise RuntimeError(
+            raise NonFiniteStop(
                 f"training stopped at step {step}: {worst} consecutive steps had a non-finite loss or gradient "
                 f"({skipped} skipped updates in all). Lower the learning rate, use --mixed-precision bf16, or resume "
                 f"from an earlier checkpoint.")

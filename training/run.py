@@ -1,7 +1,10 @@
 """`TrainingRun`, the bookkeeping of one run that both trainers share: experiment folder, step counter, data
 position, logs, checkpoints, resume and sample grids."""
+import contextlib
 import copy
 import json
+import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -9,12 +12,13 @@ import torch
 from tqdm.auto import tqdm
 
 from training.distributed import all_gather_objects
-from training.guard import NonFiniteGuard
+from training.guard import NonFiniteGuard, NonFiniteStop
 from training.sample_grid import save_sample_grid
 from training.tracking import create_logger
 from utils.errors import UserError
 from utils.files import atomic_write
 from weights.checkpoint import (
+    NonFiniteWeights,
     assert_finite,
     atomic_save,
     capture_rng_state,
@@ -68,16 +72,19 @@ class TrainingRun:
         self.last_logs, self.logged_step = {}, None
         self.progress_bar = None
         self.checkpointed_step, self.stop_reason = None, None
+        self.failure, self.stop_signal = None, None  # a NonFiniteStop that ended the run; the signal that asked to
 
     def open(self, project):
-        """Create EXP: args.json for a new run (a resumed one keeps it and adds args-resume-STEP.json), log.txt,
+        """Create EXP: args.json for a new run (a resumed one keeps it and adds args-resume-STEP[-N].json), log.txt,
         trackers; delete temporary files that killed checkpoint writes left behind."""
         if self.accelerator.is_main_process:
             checkpoints = self.exp_dir / "checkpoints"
             checkpoints.mkdir(parents=True, exist_ok=True)
             args_file = self.exp_dir / "args.json"
-            if self.resumed_from is not None and args_file.is_file():
-                args_file = self.exp_dir / f"args-resume-{self.step:07d}.json"
+            resumes = 1
+            while self.resumed_from is not None and args_file.is_file():  # every resume keeps its own record
+                args_file = self.exp_dir / f"args-resume-{self.step:07d}{f'-{resumes}' if resumes > 1 else ''}.json"
+                resumes += 1
             with atomic_write(args_file) as tmp:
                 tmp.write_text(json.dumps(vars(self.config), indent=4))
             stale = remove_stale_temporaries(checkpoints)
@@ -93,19 +100,56 @@ class TrainingRun:
                                        init_kwargs={"wandb": {"name": self.config.exp_name}})
 
     def batches(self, loader, sampler, epochs):
-        """The run's batches from its data position on, until max_train_steps steps or `epochs` epochs are done."""
+        """The run's batches from its data position on, until max_train_steps steps or `epochs` epochs are done, or
+        a step ends the run (a run of non-finite steps, or SIGINT / SIGTERM: see end_step)."""
         self.progress_bar = tqdm(total=self.max_train_steps, initial=self.step, desc="Steps",
                                  disable=not self.accelerator.is_local_main_process)
-        for epoch in range(self.epoch, epochs):
-            start = self.batch_in_epoch if epoch == self.epoch else 0
-            sampler.set_epoch(epoch, start_index=start * loader.batch_size)
-            for index, batch in enumerate(loader, start=start):
-                if self.step >= self.max_train_steps:
-                    self.stop_reason = f"reached --max-train-steps {self.max_train_steps}"
-                    return
-                self.epoch, self.batch_in_epoch = epoch, index + 1
-                yield batch
-        self.stop_reason = f"completed --epochs {epochs}"
+        with self._stop_on_signals():
+            for epoch in range(self.epoch, epochs):
+                start = self.batch_in_epoch if epoch == self.epoch else 0
+                sampler.set_epoch(epoch, start_index=start * loader.batch_size)
+                for index, batch in enumerate(loader, start=start):
+                    if self.stop_reason is not None:
+                        return
+                    if self.step >= self.max_train_steps:
+                        self.stop_reason = f"reached --max-train-steps {self.max_train_steps}"
+                        return
+                    self.epoch, self.batch_in_epoch = epoch, index + 1
+                    yield batch
+            self.stop_reason = f"completed --epochs {epochs}"
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While training, SIGINT (Ctrl-C) and SIGTERM ask the run to stop at the end of a step, with a checkpoint;
+        the same signal again stops it at once (KeyboardInterrupt)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            name = signal.Signals(signum).name
+            if self.stop_signal == name:
+                raise KeyboardInterrupt
+            self.stop_signal = self.stop_signal or name
+            self.logger.warning(f"{name}: the run stops at the end of a step, with a checkpoint ({name} again: at "
+                                "once, without one)")
+
+        previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _stop_requested(self, log_every):
+        """Whether a signal asked the run to stop, agreed by every process: at once with one process; with several,
+        at logging steps (one collective there, where the host reads the logs anyway)."""
+        if self.accelerator.num_processes == 1:
+            return self.stop_signal is not None
+        if self.step % log_every:
+            return False
+        asked = torch.tensor([float(self.stop_signal is not None)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(asked, "sum").item())
 
     def end_step(self, logs, *, log_every, checkpoint_every):
         """Count a finished optimization step and add its metrics to the logging window, on the device; log the
@@ -120,10 +164,16 @@ class TrainingRun:
                 self.window[name] = self.window.get(name, 0.0) + value.detach().float()
         self.window_steps += 1
         self.progress_bar.update(1)
-        if self.step % log_every == 0:
-            self.log()
-        if self.step % checkpoint_every == 0:
-            self.save_checkpoint()
+        try:
+            if self.step % log_every == 0:
+                self.log()
+            if self.step % checkpoint_every == 0:
+                self.save_checkpoint()
+        except NonFiniteStop as stop:  # finish() still checkpoints this step, then reports it
+            self.failure, self.stop_reason = stop, "too many non-finite steps"
+        if self.stop_reason is None and self._stop_requested(log_every):
+            self.stop_reason = f"stopped by {self.stop_signal or 'a signal to another process'}; continue with " \
+                               "--resume-latest"
         return True
 
     def log(self):
@@ -137,14 +187,15 @@ class TrainingRun:
         self.accelerator.log(logs, step=self.step)
         self.last_logs, self.logged_step = logs, self.step
 
-    def save_checkpoint(self):
+    def save_checkpoint(self, check_guard=True):
         """Write EXP/checkpoints/%07d.pt in the published layout plus what an exact resume needs.
 
         The modules and optimizers, and beside them: args, steps, rng (per process), data position, guard, scaler
         and the extra entries. Non-finite weights are refused. keep_last_checkpoints > 0 deletes all but the newest
-        that many checkpoints.
+        that many checkpoints. check_guard=False writes it after the guard stopped the run.
         """
-        self.guard.check(self.step)
+        if check_guard:
+            self.guard.check(self.step)
         path = checkpoint_file(self.exp_dir, self.step)
         checkpoint = {key: module.state_dict() for key, module in self.modules.items()}
         assert_finite(checkpoint, path)  # on every process (their weights are the same), so all stop together
@@ -211,10 +262,19 @@ class TrainingRun:
 
     def finish(self):
         """End the run: a checkpoint of its last step unless there is one, a line saying why and how it ended, the
-        trackers closed."""
-        self.guard.check(self.step)
+        trackers closed. A run ended by non-finite steps then raises its NonFiniteStop."""
+        if self.failure is None:
+            try:
+                self.guard.check(self.step)
+            except NonFiniteStop as stop:
+                self.failure, self.stop_reason = stop, "too many non-finite steps"
         if self.step > 0 and self.checkpointed_step != self.step:
-            self.save_checkpoint()
+            try:
+                self.save_checkpoint(check_guard=self.failure is None)
+            except NonFiniteWeights as refused:
+                self.logger.warning(f"No checkpoint of step {self.step}: {refused}")
         self.accelerator.wait_for_everyone()
         self.logger.info(f"Done ({self.stop_reason}): {self.step} steps, {self.guard.skipped} skipped updates")
         self.accelerator.end_training()
+        if self.failure is not None:
+            raise self.failure

@@ -35,3 +35,29 @@ def tracker_names(report_to):
     return names or None
 
 
+def check_trackers(names):
+    """UserError unless every tracker can start here: tensorboard is installed; wandb runs offline or has a login
+    (WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes)."""
+    import importlib.util
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    for name in names or []:
+        if name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise UserError("--report-to tensorboard: the tensorboard package is not installed: pip install "
+                            "tensorboard, or pass --report-to wandb or none")
+        if name != "wandb" or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") \
+                or os.environ.get("WANDB_API_KEY"):
+            continue
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+        try:
+            logged_in = netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+        except (OSError, netrc.NetrcParseError):
+            logged_in = False
+        if not logged_in:
+            raise UserError("--report-to wandb: this machine has no wandb login: run `wandb login` (or set "
+                            "WANDB_API_KEY), or set WANDB_MODE=offline to log into ./wandb and `wandb sync` later, or "
+                            "pass --report-to tensorboard or none")
+
+

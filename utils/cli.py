@@ -20,12 +20,14 @@ def repository_file(path, flag):
     raise UserError(f"{flag} {path}: no such file (looked in {Path.cwd()} and {ROOT})")
 
 
-def _bounded(kind, low, high, low_open=False, what=None):
-    """An argparse type: `kind` values in [low, high] (open at low if low_open); its name says the range in errors."""
+def _bounded(kind, low, high, low_open=False, high_open=False, what=None):
+    """An argparse type: `kind` values between low and high (None: unbounded), the ends included unless low_open /
+    high_open; `what` names the range in errors and in --help."""
     def parse(text):
         value = kind(text)
-        below = value <= low if low_open else value < low
-        if (low is not None and below) or (high is not None and value > high):
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
             raise argparse.ArgumentTypeError(f"{text} is not {what}")
         return value
     parse.__name__, parse.range = what, what.removeprefix("a ").removeprefix("an ")
@@ -37,6 +39,7 @@ non_negative_int = _bounded(int, 0, None, what="a non-negative integer (>= 0)")
 positive_float = _bounded(float, 0.0, None, low_open=True, what="a positive number (> 0)")
 non_negative_float = _bounded(float, 0.0, None, what="a non-negative number (>= 0)")
 unit_float = _bounded(float, 0.0, 1.0, what="a number in [0, 1]")
+below_one_float = _bounded(float, 0.0, 1.0, high_open=True, what="a number in [0, 1)")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -18,6 +18,8 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format
 PICKLE_MAGIC = b"\x80"  # torch.save's legacy format: a pickle (protocol 2+)
 # How the error messages name what a module expects (by class name; models/ must not be imported here).
 MODULE_KINDS = {"AutoencoderKL": "VAE", "NLayerDiscriminator": "discriminator", "VisionTransformer": "encoder"}
+# What a weights mismatch asks to check when the caller names no flags.
+MODEL_FLAGS = "the model flags (e.g. --model, --vae, --enc-type)"
 
 
 def load_file(path, map_location="cpu", mmap=False):
@@ -27,6 +29,8 @@ def load_file(path, map_location="cpu", mmap=False):
     multi-GB file); it is ignored for .safetensors and legacy (pickle) files.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(folder_given_as_file(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
@@ -49,6 +53,11 @@ def load_file(path, map_location="cpu", mmap=False):
     except Exception as error:  # torch raises RuntimeError, KeyError, EOFError, ... for damaged files
         raise UserError(f"could not read checkpoint {path}: {_reason(error)}; "
                         "it is damaged, truncated or not a PyTorch checkpoint") from error
+
+
+def folder_given_as_file(path):
+    """The message for a folder given where a checkpoint file is read."""
+    return f"{path} is a folder, not a checkpoint file: pass a .pt/.pth or .safetensors file"
 
 
 def _load_safetensors(path, map_location):
@@ -108,14 +117,16 @@ def check_state_dict(state_dict, source, kind="model"):
     raise UserError(f"{source} holds a {type(state_dict).__name__}, not a {kind} state dict")
 
 
-def load_state_dict_strict(module, state_dict, source):
-    """Load state_dict into module strictly; anything else raises UserError naming source and the differences."""
+def load_state_dict_strict(module, state_dict, source, flags=MODEL_FLAGS):
+    """Load state_dict into module strictly; anything else raises UserError naming source and the differences.
+
+    flags: what the message asks to check against the file (the flags that build module, e.g. "--vae").
+    """
     name = type(module).__name__
     check_state_dict(state_dict, source, MODULE_KINDS.get(name, name))
     missing, unexpected, mismatch = describe_mismatch(module, state_dict)
     if missing or unexpected or mismatch:
-        lines = [f"{source} does not fit {name}: check the model flags (e.g. --model, --vae, --enc-type) "
-                 "against the checkpoint"]
+        lines = [f"{source} does not fit {name}: check {flags} against the checkpoint"]
         if missing:
             lines.append(f"  missing keys: {_short(missing)}")
         if unexpected:
@@ -212,9 +223,13 @@ def restore_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class NonFiniteWeights(RuntimeError):
+    """Weights that hold NaN or infinity: never written to a checkpoint."""
+
+
 def assert_finite(state_dicts, what):
-    """Raise if any floating tensor of the named state dicts is not finite (a checkpoint is never written so)."""
+    """Raise NonFiniteWeights if any floating tensor of the named state dicts is not finite."""
     for name, state_dict in state_dicts.items():
         for key, value in state_dict.items():
             if torch.is_tensor(value) and torch.is_floating_point(value) and not torch.isfinite(value).all():
-                raise RuntimeError(f"refusing to write {what}: {name}.{key} holds non-finite values")
+                raise NonFiniteWeights(f"refusing to write {what}: {name}.{key} holds non-finite values")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.autoencoder import DIFFUSERS_VAE, AutoencoderKL, DiffusersAutoencoder, vae_arch_of
+from models.autoencoder import AutoencoderKL, DiffusersAutoencoder, vae_arch_of
 from utils.errors import UserError
 from utils.files import atomic_write
 from weights.checkpoint import atomic_save, load_file, load_state_dict_strict, uninitialized
@@ -152,7 +152,7 @@ def _our_model_for(config, folder):
     for name, value in expected.items():
         if config.get(name, value) != value:
             raise UserError(f"{folder}: diffusers VAE config {name}={config[name]!r} is not one of our layouts (need "
-                            f"{value!r}): pass --vae {DIFFUSERS_VAE}, which takes any AutoencoderKL folder")
+                            f"{value!r})")
     widths = list(config["block_out_channels"])
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
     attn_levels = [i for i, kind in enumerate(down) if kind == "AttnDownEncoderBlock2D"]
@@ -160,7 +160,7 @@ def _our_model_for(config, folder):
     known = {"DownEncoderBlock2D", "AttnDownEncoderBlock2D"}
     if set(down) - known or up != mirrored or len(widths) != len(down) or any(w % widths[0] for w in widths):
         raise UserError(f"{folder}: diffusers VAE layout down={down} up={up} widths={widths} is not one of our "
-                        f"layouts: pass --vae {DIFFUSERS_VAE}, which takes any AutoencoderKL folder")
+                        "layouts")
     return AutoencoderKL(
         embed_dim=config["latent_channels"],
         ch_mult=tuple(w // widths[0] for w in widths),

@@ -6,7 +6,8 @@ Weights of each encoder are looked up, first hit wins:
   2. $REPAE_ENCODER_CKPT_<NAME>: the encoder name upper-cased, "-" -> "_" (REPAE_ENCODER_CKPT_DINOV2_VIT_B);
   3. the files REPA's code reads: ckpts/<file> under the working directory (MoCo v3, DINOv1, MAE, I-JEPA),
      the torch.hub checkpoint cache (official DINOv2 / DINOv1 / MAE / I-JEPA files), ~/.cache/clip/ViT-L-14.pt (CLIP);
-  4. the timm weights on the Hugging Face hub (cache only when HF_HUB_OFFLINE is set).
+  4. the timm weights in the Hugging Face cache, else fetched from the hub unless HF_HUB_OFFLINE is set (one
+     request, no retries: an unreachable hub fails within HF_HUB_ETAG_TIMEOUT seconds).
 A file may be in the official release format or a timm state dict (.pt/.pth/.safetensors).
 """
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import huggingface_hub
 import torch
+from huggingface_hub.errors import EntryNotFoundError
 from timm.models import get_pretrained_cfg
 
 from models.encoders import TIMM_ARCHS, build_encoder, parse_encoder_name, to_timm_state_dict
@@ -52,7 +54,7 @@ def load_encoders(enc_type, device, resolution=256, ckpt=None, random_init=False
     for name, path, (encoder_type, architecture, model_config, family) in zip(names, paths, parsed):
         encoder = build_encoder(family, model_config, resolution, device)
         if random_init:
-            warnings.warn(f"encoder {name}: random weights (random_init=True); its features are meaningless")
+            warnings.warn(f"encoder {name}: random weights (--enc-random-init); its features are meaningless")
         else:
             load_weights(encoder, family, path, allow_torchscript)
         encoders.append(encoder.requires_grad_(False).eval())
@@ -127,11 +129,16 @@ def find_weights(name, ckpt=None):
         "clip": "OpenAI CLIP ViT-L/14 (clip.load('ViT-L/14') downloads it there)",
     }.get(family, url)
     repo = hf_repo(name)
-    hub = f" The timm copy on the Hugging Face hub ({repo}) is fetched when HF_HUB_OFFLINE is unset." if repo else ""
+    if repo is None:
+        hub = ""
+    elif hub_offline():
+        hub = f" The timm copy on the Hugging Face hub ({repo}) is fetched when HF_HUB_OFFLINE is unset."
+    else:
+        hub = f" The timm copy on the Hugging Face hub ({repo}) is not in the cache and could not be fetched."
     raise FileNotFoundError(
-        f"no weights for encoder {name}. Get {source} and save it as {files[0].absolute()}, or pass its path as "
-        f"ckpt / set {variable}.{hub} Looked in: {', '.join(str(f.absolute()) for f in files)}. "
-        f"For a smoke run without weights use random_init=True."
+        f"no weights for encoder {name}. Get {source} and save it as {files[0].absolute()}, or pass its path with "
+        f"--enc-ckpt / set {variable}.{hub} Looked in: {', '.join(str(f.absolute()) for f in files)}. "
+        f"For a smoke run without weights pass --enc-random-init."
     )
 
 
@@ -144,21 +151,26 @@ def hf_repo(name):
 
 
 def _hf_hub_file(name):
-    """timm's copy of the encoder weights from the Hugging Face hub (cache only when offline), or None."""
+    """timm's copy of the encoder weights: from the Hugging Face cache, else from the hub unless offline; or None."""
     repo = hf_repo(name)
     if repo is None:
         return None
-    offline = hub_offline()
     for filename in HF_FILENAMES:
-        if offline:
-            cached = huggingface_hub.try_to_load_from_cache(repo, filename)
-            if isinstance(cached, str):
-                return Path(cached)
-            continue
+        cached = huggingface_hub.try_to_load_from_cache(repo, filename)
+        if isinstance(cached, str):
+            return Path(cached)
+    if hub_offline():
+        return None
+    for filename in HF_FILENAMES:
         try:
+            # one request without retries first: hf_hub_download alone retries an unreachable hub for a minute
+            huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, filename),
+                                                 timeout=huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT)
             return Path(huggingface_hub.hf_hub_download(repo, filename))
-        except Exception:  # not in that repo, or hub unreachable: try the next name
+        except EntryNotFoundError:  # not in that repo: try the next name
             continue
+        except Exception:  # hub unreachable or refusing: the next name would fail alike
+            return None
     return None
 
 
@@ -198,5 +210,5 @@ def load_weights(encoder, family, path, allow_torchscript=False):
     if not isinstance(weights, Mapping):
         raise UserError(f"encoder weights {path} hold a {type(weights).__name__}, not a state dict")
     state_dict = to_timm_state_dict(dict(weights), family, encoder)
-    load_state_dict_strict(encoder, state_dict, source=f"encoder weights {path}")
+    load_state_dict_strict(encoder, state_dict, source=f"encoder weights {path}", flags="--enc-type")
     return encoder

@@ -70,15 +70,16 @@ def load_sit(config, ema_state, source, shape, device):
 
 def load_autoencoder(config, checkpoint, source, vae_ckpt, device):
     """(VAE, latent statistics or None) where None means: use the SiT batch-norm's (REPA-E checkpoints)."""
-    from weights.vae import load_vae, vae_from_checkpoint
+    from weights.vae import NO_CHECKPOINT, load_vae, vae_from_checkpoint
 
     arch = config["vae"]
     if "vae" in checkpoint:
         if vae_ckpt is not None:
-            return load_vae(arch, vae_ckpt, require_stats=False)[0], None
+            return load_vae(arch, vae_ckpt, require_stats=False, arch_flag=None)[0], None
         return vae_from_checkpoint(arch, checkpoint, source, device), None  # --vae diffusers: its vae_config
     # latent-diffusion-only checkpoints were trained on a fixed VAE and its statistics file
     vae_ckpt = vae_ckpt or config.get("vae_ckpt")
-    if not vae_ckpt:
-        raise UserError(f"{source} holds no VAE and the training args name no vae_ckpt: pass --vae-ckpt")
-    return load_vae(arch, vae_ckpt)
+    if vae_ckpt is None or vae_ckpt in NO_CHECKPOINT:  # a random VAE would decode noise
+        raise UserError(f"{source} holds no VAE and the training args name none (vae_ckpt: {vae_ckpt}): pass "
+                        "--vae-ckpt with the VAE the latents were cached with")
+    return load_vae(arch, vae_ckpt, arch_flag=None)

@@ -45,6 +45,7 @@ NO_CHECKPOINT = ("", "none", "None")
 VAE_CONFIG_KEY = "vae_config"  # training-checkpoint entry: the diffusers config of a --vae diffusers run
 # The forms VAE weights come in.
 RANDOM, STATE_DICT_FILE, DIFFUSERS_FOLDER = "random", "state-dict file", "diffusers folder"
+RUN_VAE = "the run's --vae"  # how messages name the VAE kind when it comes from a training run's args
 
 
 class LayoutKind:
@@ -62,19 +63,28 @@ class LayoutKind:
         with torch.device("meta"):
             return vae_models[self.name]().downsample_factor
 
-    def from_state_dict_file(self, path):
+    def from_state_dict_file(self, path, arch_flag):
         """(network, statistics of NAME-latents-stats.pt beside it or None) from a NAME.pt / .safetensors file."""
-        vae = load_state_dict_strict(uninitialized(vae_models[self.name], "cpu"), load_file(path), str(path))
+        vae = load_state_dict_strict(uninitialized(vae_models[self.name], "cpu"), load_file(path), str(path),
+                                     flags=f"{arch_flag or RUN_VAE} {self.name}")
         stats_path = latents_stats_path(path)
         return vae, check_latents_stats(load_file(stats_path), stats_path) if stats_path.is_file() else None
 
     def from_folder(self, folder, arch_flag):
-        """(network, statistics or None) from a diffusers folder of this layout, converted to our keys."""
-        vae, folder_arch, stats = load_diffusers_vae_folder(folder)
-        if folder_arch != self.name:
-            raise UserError(f"{folder} holds a {folder_arch or 'differently laid out'} VAE but {arch_flag} is "
-                            f"{self.name}: pass {arch_flag} {folder_arch or DIFFUSERS_VAE}")
-        return vae, stats
+        """(network, statistics or None) from a diffusers folder of this layout, converted to our keys; arch_flag
+        (None: the layout comes from a training run's args) names the way out of another layout."""
+        try:
+            vae, folder_arch, stats = load_diffusers_vae_folder(folder)
+        except UserError as error:  # a layout of diffusers' own: only --vae diffusers takes it
+            folder_arch, reason = None, str(error)
+        else:
+            reason = f"{folder} holds a {folder_arch or 'differently laid out'} VAE"
+            if folder_arch == self.name:
+                return vae, stats
+        if arch_flag is None:
+            raise UserError(f"{reason}, but the run trained with --vae {self.name}: pass a VAE of that layout")
+        raise UserError(f"{reason}, but {arch_flag} is {self.name}: pass {arch_flag} {folder_arch or DIFFUSERS_VAE}"
+                        f"{'' if folder_arch else ', which takes any AutoencoderKL folder'}")
 
     def checkpoint_entries(self, vae):
         """Nothing beside the weights: --vae names the layout."""
@@ -112,7 +122,7 @@ class DiffusersKind:
         """Every down block of the folder's config but the last halves the resolution; no weights are read."""
         return DiffusersAutoencoder.downsample_factor_of(read_diffusers_config(path))
 
-    def from_state_dict_file(self, path):
+    def from_state_dict_file(self, path, arch_flag):
         """Refused: weights without their config define no network."""
         raise UserError(f"{path} is a weights file, but --vae {DIFFUSERS_VAE} needs a diffusers AutoencoderKL folder "
                         f"({DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS[0]}): pass the folder")
@@ -144,11 +154,15 @@ class DiffusersKind:
 
 
 def _write_folder(folder, write):
-    """write(tmp) into a temporary folder that replaces `folder` when complete: no half-written folder is left."""
-    from utils.files import atomic_write
+    """write(tmp) into a temporary folder that replaces `folder` when complete: no half-written folder is left.
+    Its files get the permissions of any file the user writes (some writers make theirs private)."""
+    from utils.files import atomic_write, current_umask
 
     with atomic_write(folder, folder=True) as tmp:
         write(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(0o666 & ~current_umask())
 
 
 def vae_kind(arch, flag="--vae"):
@@ -179,6 +193,7 @@ class VaeSource:
     form: str
     path: Path | None
     given: str
+    arch_flag: str | None = "--vae"
 
     def downsample_factor(self):
         """The network's downsampling factor, from its layout or config; no weights are read."""
@@ -196,9 +211,9 @@ class VaeSource:
             return vae, None
         try:
             if self.form == DIFFUSERS_FOLDER:
-                vae, stats = self.kind.from_folder(self.path, self.given.split()[0])
+                vae, stats = self.kind.from_folder(self.path, self.arch_flag)
             else:
-                vae, stats = self.kind.from_state_dict_file(self.path)
+                vae, stats = self.kind.from_state_dict_file(self.path, self.arch_flag)
         except (UserError, *PATH_ERRORS) as error:  # a damaged file or another layout: one line naming the flag
             raise UserError(f"{self.given}: {' '.join(str(error).split())}") from None
         if stats is None and require_stats:
@@ -210,28 +225,30 @@ class VaeSource:
 
 
 def resolve_vae(arch, ckpt, *, arch_flag="--vae", ckpt_flag="--vae-ckpt"):
-    """The VaeSource of --vae ARCH --vae-ckpt CKPT (or the script's own flag names); a hub id is fetched here."""
-    kind = vae_kind(arch, arch_flag)
+    """The VaeSource of --vae ARCH --vae-ckpt CKPT (or the script's own flag names; arch_flag None: ARCH comes from a
+    training run's args); a hub id is fetched here."""
+    arch_named = arch_flag or RUN_VAE
+    kind = vae_kind(arch, arch_named)
     given = f"{ckpt_flag} {ckpt}"
     if ckpt is None or ckpt in NO_CHECKPOINT:
         if isinstance(kind, DiffusersKind):
-            raise UserError(f"{arch_flag} {DIFFUSERS_VAE} needs a VAE checkpoint: pass {ckpt_flag} FOLDER_OR_HUB_ID, "
+            raise UserError(f"{arch_named} {DIFFUSERS_VAE} needs a VAE checkpoint: pass {ckpt_flag} FOLDER_OR_HUB_ID, "
                             "a diffusers AutoencoderKL folder (its config.json decides the network)")
-        return VaeSource(kind, RANDOM, None, given)
+        return VaeSource(kind, RANDOM, None, given, arch_flag)
     path = _local_weights(ckpt, given)
     if path.is_dir():
         if not is_diffusers_vae_folder(path):
             raise UserError(f"{given}: {path} is a folder but no diffusers AutoencoderKL folder ({DIFFUSERS_CONFIG} "
                             f"with _class_name AutoencoderKL, and {' or '.join(DIFFUSERS_WEIGHTS)}): pass such a "
                             "folder (e.g. the vae/ of a FLUX, SD3.5 or SD-XL download) or a NAME.pt file")
-        return VaeSource(kind, DIFFUSERS_FOLDER, path, given)
+        return VaeSource(kind, DIFFUSERS_FOLDER, path, given, arch_flag)
     if not path.is_file():
         raise UserError(f"{given}: no such file or folder; pass NAME.pt (NAME-latents-stats.pt beside it), "
                         "a .safetensors file, a diffusers AutoencoderKL folder, a hub id, or none for a random VAE")
     if isinstance(kind, DiffusersKind):
-        raise UserError(f"{given} is a weights file, but {arch_flag} {DIFFUSERS_VAE} needs a diffusers "
+        raise UserError(f"{given} is a weights file, but {arch_named} {DIFFUSERS_VAE} needs a diffusers "
                         f"AutoencoderKL folder ({DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS[0]}): pass the folder")
-    return VaeSource(kind, STATE_DICT_FILE, path, given)
+    return VaeSource(kind, STATE_DICT_FILE, path, given, arch_flag)
 
 
 def _local_weights(ckpt, given):
