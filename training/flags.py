@@ -31,8 +31,7 @@ def training_parser(description, *, trainer, model_default, vae_default, vae_ckp
     run.add_argument("--logging-dir", type=str, default="logs",
                      help="tracker files go to OUTPUT_DIR/LOGGING_DIR/EXP_NAME")
     run.add_argument("--report-to", type=str, default="wandb", help="wandb, tensorboard, both (comma) or none")
-    run.add_argument("--sampling-steps", type=positive_int, default=10000,
-                     help="write an EMA sample grid every N steps")
+    run.add_argument("--sampling-steps", type=positive_int, default=10000, help="write EMA sample grids every N steps")
     run.add_argument("--checkpointing-steps", type=positive_int, default=50000, help="write a checkpoint every N steps")
     run.add_argument("--log-every", type=positive_int, default=1,
                      help="send metrics to the progress bar and the trackers every N steps")
@@ -91,8 +90,7 @@ def training_parser(description, *, trainer, model_default, vae_default, vae_ckp
     optim.add_argument("--adam-weight-decay", type=non_negative_float, default=0.0,
                        help="AdamW weight decay (every optimizer)")
     optim.add_argument("--adam-epsilon", type=positive_float, default=1e-08, help="AdamW epsilon (every optimizer)")
-    optim.add_argument("--max-grad-norm", type=positive_float, default=1.0,
-                       help="gradient clipping norm (every update)")
+    optim.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping (every update)")
     optim.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise")
     optim.add_argument("--max-nonfinite-steps", type=positive_int, default=50,
                        help="stop after this many consecutive steps with a non-finite loss or gradient")
