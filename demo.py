@@ -107,24 +107,18 @@ def write_reference_npz(data_dir, path):
 @torch.no_grad()
 def sample_each_class(exp_dir, step, per_class, num_steps):
     """uint8 EMA samples of every class (per_class each, fixed noise) and their labels, with generate.py's loaders."""
-    from models.autoencoder import latent_shape, to_uint8_hwc
+    from models.autoencoder import to_uint8_hwc
     from sampling.samplers import euler_sampler
-    from weights.checkpoint import checkpoint_file, load_file
-    from weights.latent_stats import denormalize_latents, stats_from_batchnorm
-    from weights.training_checkpoint import load_autoencoder, load_config, load_sit
+    from weights.checkpoint import checkpoint_file
+    from weights.latent_stats import denormalize_latents
+    from weights.training_checkpoint import load_for_sampling
 
-    ckpt_path = checkpoint_file(exp_dir, step)
-    checkpoint = load_file(ckpt_path)
-    config = load_config(argparse.Namespace(exp_path=exp_dir), checkpoint, ckpt_path)
-    vae, stats = load_autoencoder(config, checkpoint, ckpt_path, None, "cpu")
-    shape = latent_shape(vae, config["resolution"])
-    model = load_sit(config, checkpoint["ema"], ckpt_path, shape, "cpu")
-    if stats is None:  # a REPA-E checkpoint: the statistics of its SiT's batch-norm
-        stats = stats_from_batchnorm(model.bn.running_mean, model.bn.running_var)
+    model, vae, stats, shape = load_for_sampling(checkpoint_file(exp_dir, step), exp_path=exp_dir, vae_ckpt=None,
+                                                    device="cpu")
     labels = torch.arange(model.num_classes).repeat_interleave(per_class)
     noise = torch.randn(len(labels), *shape, generator=torch.Generator().manual_seed(0))
     latents = euler_sampler(model, noise, labels, num_steps=num_steps, cfg_scale=CFG_SCALE)
-    images = vae.eval().decode(denormalize_latents(latents.float(), stats))
+    images = vae.decode(denormalize_latents(latents.float(), stats))
     return to_uint8_hwc(images), labels.numpy()
 
 

@@ -275,15 +275,11 @@ def create_npz(folder, num, record):
 
 def run(args, rank, world_size, device):
     """Sample (or finish sampling) and return the .npz path."""
-    import torch
     import torch.distributed as dist
 
-    from models.autoencoder import latent_shape
     from sampling.samplers import compile_inference
     from training.distributed import from_main_process
-    from weights.checkpoint import load_file
-    from weights.latent_stats import stats_from_batchnorm
-    from weights.training_checkpoint import check_training_checkpoint, load_autoencoder, load_config, load_sit
+    from weights.training_checkpoint import load_for_sampling
 
     ckpt_path, exp_name, step = resolve_checkpoint(args, rank)
     folder = Path(f"{args.sample_dir}/{exp_name}_{step}_cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}")
@@ -296,17 +292,8 @@ def run(args, rank, world_size, device):
     if status == "error":
         raise UserError(detail)
 
-    checkpoint = load_file(ckpt_path, map_location=device)
-    check_training_checkpoint(checkpoint, ckpt_path)
-    config = load_config(args, checkpoint, ckpt_path)
-    vae, stats = load_autoencoder(config, checkpoint, ckpt_path, args.vae_ckpt, device)
-    shape = latent_shape(vae, config["resolution"])
-    model = load_sit(config, checkpoint["ema"], ckpt_path, shape, device)
-    del checkpoint
-    if stats is None:  # REPA-E checkpoints: the statistics of the SiT's batch-norm
-        stats = stats_from_batchnorm(model.bn.running_mean, model.bn.running_var)
-    stats = {key: value.to(device, torch.float32) for key, value in stats.items()}
-    model, vae = model.to(device), vae.to(device).eval()
+    model, vae, stats, shape = load_for_sampling(ckpt_path, exp_path=args.exp_path, vae_ckpt=args.vae_ckpt,
+                                                    device=device)
     if args.compile:
         compile_inference(model)
     if rank == 0:  # everything loaded: only now is anything written

@@ -20,14 +20,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from utils.errors import UserError
 
 INCEPTION_URL = URL_INCEPTION_V3
-
-
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
-
-
 INCEPTION_ENV = "REPAE_INCEPTION_WEIGHTS"
-
-
 SPATIAL_CHANNELS = 7  # the evaluator's spatial[..., :7]
 
 

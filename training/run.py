@@ -2,6 +2,7 @@
 position, logs, checkpoints, resume and sample grids."""
 import contextlib
 import copy
+import itertools
 import json
 import signal
 import threading
@@ -72,7 +73,8 @@ class TrainingRun:
         self.last_logs, self.logged_step = {}, None
         self.progress_bar = None
         self.checkpointed_step, self.stop_reason = None, None
-        self.failure, self.stop_signal = None, None  # a NonFiniteStop that ended the run; the signal that asked to
+        self.failure = None  # the NonFiniteStop that ended the run
+        self.stop_signal = None  # the name of the signal that asked the run to stop
 
     def open(self, project):
         """Create EXP: args.json for a new run (a resumed one keeps it and adds args-resume-STEP[-N].json), log.txt,
@@ -81,10 +83,9 @@ class TrainingRun:
             checkpoints = self.exp_dir / "checkpoints"
             checkpoints.mkdir(parents=True, exist_ok=True)
             args_file = self.exp_dir / "args.json"
-            resumes = 1
-            while self.resumed_from is not None and args_file.is_file():  # every resume keeps its own record
-                args_file = self.exp_dir / f"args-resume-{self.step:07d}{f'-{resumes}' if resumes > 1 else ''}.json"
-                resumes += 1
+            if self.resumed_from is not None and args_file.is_file():  # every resume keeps its own record
+                names = (f"args-resume-{self.step:07d}{f'-{n}' if n > 1 else ''}.json" for n in itertools.count(1))
+                args_file = next(self.exp_dir / name for name in names if not (self.exp_dir / name).exists())
             with atomic_write(args_file) as tmp:
                 tmp.write_text(json.dumps(vars(self.config), indent=4))
             stale = remove_stale_temporaries(checkpoints)
@@ -170,11 +171,15 @@ class TrainingRun:
             if self.step % checkpoint_every == 0:
                 self.save_checkpoint()
         except NonFiniteStop as stop:  # finish() still checkpoints this step, then reports it
-            self.failure, self.stop_reason = stop, "too many non-finite steps"
+            self._fail(stop)
         if self.stop_reason is None and self._stop_requested(log_every):
             self.stop_reason = f"stopped by {self.stop_signal or 'a signal to another process'}; continue with " \
                                "--resume-latest"
         return True
+
+    def _fail(self, stop):
+        """Record the NonFiniteStop that ends the run."""
+        self.failure, self.stop_reason = stop, "too many non-finite steps"
 
     def log(self):
         """Average the window's metrics over its steps and the processes (one collective, one host read), send them
@@ -267,7 +272,7 @@ class TrainingRun:
             try:
                 self.guard.check(self.step)
             except NonFiniteStop as stop:
-                self.failure, self.stop_reason = stop, "too many non-finite steps"
+                self._fail(stop)
         if self.step > 0 and self.checkpointed_step != self.step:
             try:
                 self.save_checkpoint(check_guard=self.failure is None)

@@ -1,6 +1,10 @@
 """Experiment logging: the log file and the metric trackers (wandb / tensorboard / none)."""
+import importlib.util
 import logging
+import netrc
+import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 from utils.errors import UserError
 
@@ -38,11 +42,6 @@ def tracker_names(report_to):
 def check_trackers(names):
     """UserError unless every tracker can start here: tensorboard is installed; wandb runs offline or has a login
     (WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes)."""
-    import importlib.util
-    import netrc
-    import os
-    from urllib.parse import urlparse
-
     for name in names or []:
         if name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise UserError("--report-to tensorboard: the tensorboard package is not installed: pip install "

@@ -25,7 +25,8 @@ def atomic_write(path, folder=False):
     """Yield a temporary path beside `path` to write (a file, or a folder when folder=True).
 
     On success it replaces `path` (an existing folder is removed first) with the permissions of any file the user
-    writes (mkstemp/mkdtemp make it private); on failure it is removed and `path` stays as it was.
+    writes, the files of a folder too (mkstemp/mkdtemp make them private); on failure it is removed and `path`
+    stays as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +40,9 @@ def atomic_write(path, folder=False):
     try:
         yield tmp
         os.chmod(tmp, (0o777 if folder else 0o666) & ~current_umask())
+        for inner in tmp.rglob("*") if folder else ():  # some writers make their files private
+            if inner.is_file():
+                os.chmod(inner, 0o666 & ~current_umask())
         if folder and path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

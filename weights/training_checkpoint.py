@@ -12,13 +12,13 @@ CONFIG_DEFAULTS = dict(resolution=256, num_classes=1000, encoder_depth=8, cfg_pr
                        fused_attn=True, bn_momentum=0.1)
 
 
-def load_config(args, checkpoint, ckpt_path):
+def load_config(exp_path, checkpoint, ckpt_path):
     """Model settings: EXP/args.json when there is an experiment folder, else the checkpoint's own args."""
     from models.autoencoder import vae_names
     from models.sit import SiT_models
 
-    if args.exp_path is not None:
-        config = read_json(Path(args.exp_path) / "args.json", "restore the training run's args.json, or pass "
+    if exp_path is not None:
+        config = read_json(Path(exp_path) / "args.json", "restore the training run's args.json, or pass "
                            "--ckpt alone to take the settings from the checkpoint")
     elif "args" in checkpoint:
         saved = checkpoint["args"]
@@ -83,3 +83,24 @@ def load_autoencoder(config, checkpoint, source, vae_ckpt, device):
         raise UserError(f"{source} holds no VAE and the training args name none (vae_ckpt: {vae_ckpt}): pass "
                         "--vae-ckpt with the VAE the latents were cached with")
     return load_vae(arch, vae_ckpt, arch_flag=None)
+
+
+def load_for_sampling(ckpt_path, *, exp_path, vae_ckpt, device):
+    """(EMA SiT, VAE, latent statistics, latent shape) of a training checkpoint, on device in eval mode, ready for
+    the samplers; vae_ckpt (or None) replaces the run's VAE."""
+    import torch
+
+    from models.autoencoder import latent_shape
+    from weights.checkpoint import load_file
+    from weights.latent_stats import stats_from_batchnorm
+
+    checkpoint = load_file(ckpt_path, map_location=device)
+    check_training_checkpoint(checkpoint, ckpt_path)
+    config = load_config(exp_path, checkpoint, ckpt_path)
+    vae, stats = load_autoencoder(config, checkpoint, ckpt_path, vae_ckpt, device)
+    shape = latent_shape(vae, config["resolution"])
+    model = load_sit(config, checkpoint["ema"], ckpt_path, shape, device)
+    if stats is None:  # REPA-E checkpoints: the statistics of the SiT's batch-norm
+        stats = stats_from_batchnorm(model.bn.running_mean, model.bn.running_var)
+    stats = {key: value.to(device, torch.float32) for key, value in stats.items()}
+    return model.to(device), vae.to(device).eval(), stats, shape

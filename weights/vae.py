@@ -154,15 +154,11 @@ class DiffusersKind:
 
 
 def _write_folder(folder, write):
-    """write(tmp) into a temporary folder that replaces `folder` when complete: no half-written folder is left.
-    Its files get the permissions of any file the user writes (some writers make theirs private)."""
-    from utils.files import atomic_write, current_umask
+    """write(tmp) into a temporary folder that replaces `folder` when complete: no half-written folder is left."""
+    from utils.files import atomic_write
 
     with atomic_write(folder, folder=True) as tmp:
         write(tmp)
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                path.chmod(0o666 & ~current_umask())
 
 
 def vae_kind(arch, flag="--vae"):
