@@ -35,8 +35,8 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
           "colorwheel")
 MARKER = ".repae-demo"  # marks a folder demo.py made, so that only such a folder is ever replaced
 SETTINGS = {
-    "full": dict(crops=12, repae_steps=150, ldm_steps=800, samples=32, sampling_steps=50, log_every=10),
-    "quick": dict(crops=4, repae_steps=6, ldm_steps=6, samples=8, sampling_steps=4, log_every=1),
+    "full": dict(crops=12, repae_steps=150, ldm_steps=800, samples=32, sampling_steps=50, log_every=10, eval_every=200),
+    "quick": dict(crops=4, repae_steps=6, ldm_steps=6, samples=8, sampling_steps=4, log_every=1, eval_every=6),
 }
 RESOLUTION = 32
 BATCH = 16
@@ -98,7 +98,8 @@ def training_images(data_dir):
 
 
 def write_reference_npz(data_dir, path):
-    """The training images as an ADM-style reference batch (arr_0 uint8 NHWC) for evaluate.py."""
+    """The training images as an ADM-style reference batch (arr_0 uint8 NHWC), the reference of the evaluation
+    during training and of evaluate.py."""
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, arr_0=training_images(data_dir)[0])
     return path
@@ -169,6 +170,15 @@ def inception_flags():
         return ["--inception-random-init"]
 
 
+def fid_column(eval_file):
+    """The FID train_ldm_only.py logged at each evaluation, as a column of text (a smoke figure with random
+    Inception weights)."""
+    records = [json.loads(line) for line in Path(eval_file).read_text().splitlines()]
+    smoke = " (random Inception weights: a smoke figure)" if inception_flags() else ""
+    return "\n".join([f"  FID of the LDM-only samples during training{smoke}:"] +
+                      [f"    step {record['step']:>4}: {record['fid']:.2f}" for record in records])
+
+
 def evaluate_outputs(out, npz, vae_ckpt, quick):
     """evaluate.py (not with --quick), eval_vae.py and visualize_latents.py on the outputs; returns their files."""
     folder, data, one_per_class = out / "evaluation", out / "data", out / "data_one_per_class"
@@ -184,7 +194,7 @@ def evaluate_outputs(out, npz, vae_ckpt, quick):
         written["evaluate.py numbers (.json)"] = folder / "samples_vs_training.json"
         # Inception gains from every core, unlike the tiny training models
         run("evaluate (the generated samples vs the training images)", "evaluate.py",
-            write_reference_npz(data, folder / "training_images.npz"), npz, "--device", "cpu",
+            folder / "training_images.npz", npz, "--device", "cpu",
             "--json", written["evaluate.py numbers (.json)"], *inception, one_thread=False)
 
     # a random VAE of the same layout: what end-to-end training started from (up to its seed)
@@ -266,10 +276,14 @@ def train_and_sample(cfg, out):
         "--vae-latents-name", "e2e-demo", "--data-dir", data, "--output-dir", data, "--pproc-batch-size", 16,
         "--num-workers", 0)
 
+    # FID (and IS) of the EMA SiT's samples against the training images at a few points of training
     ldm_steps = cfg["ldm_steps"]
     run("train_ldm_only (SiT + REPA on cached latents)", "train_ldm_only.py", "--exp-name", "ldm-demo", *common,
         "--vae-ckpt", vae_ckpt, "--vae-latents-name", "e2e-demo", "--max-train-steps", ldm_steps,
-        "--checkpointing-steps", ldm_steps, "--sampling-steps", ldm_steps)
+        "--checkpointing-steps", ldm_steps, "--sampling-steps", ldm_steps, "--eval-every", cfg["eval_every"],
+        "--eval-ref", write_reference_npz(data, out / "evaluation" / "training_images.npz"),
+        "--eval-num-samples", cfg["samples"], "--eval-batch-size", 16, "--eval-steps", cfg["sampling_steps"],
+        "--eval-cfg-scale", CFG_SCALE, "--eval-metrics", "is,fid", *inception_flags())
 
     run("generate (2 processes, gloo)", "generate.py", "--exp-path", exps / "ldm-demo", "--train-steps", ldm_steps,
         "--sample-dir", samples, "--num-fid-samples", cfg["samples"], "--pproc-batch-size", 16,
@@ -283,6 +297,7 @@ def train_and_sample(cfg, out):
         "cached latents": data / "e2e-demo.h5",
         "LDM-only checkpoint": exps / "ldm-demo" / "checkpoints" / f"{ldm_steps:07d}.pt",
         "LDM-only sample grids": exps / "ldm-demo" / "samples",
+        "LDM-only evaluations during training (.jsonl)": exps / "ldm-demo" / "eval.jsonl",
         "generated PNGs": npz.with_suffix(""),
         "samples for FID (.npz)": npz,
     }
@@ -320,6 +335,7 @@ def main(argv=None):
     print("\nLosses reached:")
     print(f"  train_repae:    {last_losses(out / 'exps' / 'repae-demo' / 'log.txt')}")
     print(f"  train_ldm_only: {last_losses(out / 'exps' / 'ldm-demo' / 'log.txt')}")
+    print(fid_column(outputs["LDM-only evaluations during training (.jsonl)"]))
     print(f"  nearest-neighbour check: {score}/{len(PHOTOS)} classes have most of their {SAMPLES_PER_CLASS} "
           f"samples nearest to a training image of their own class (missed: "
           f"{', '.join(PHOTOS[c] for c, ok in recognised.items() if not ok) or 'none'})")

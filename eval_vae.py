@@ -37,51 +37,6 @@ def build_parser():
     return parser
 
 
-def psnr(reconstructions, originals):
-    """Per-image PSNR in dB of uint8 images (B, 3, H, W)."""
-    mse = (reconstructions.double() - originals.double()).pow(2).mean(dim=(1, 2, 3))
-    return 10 * (255.0 ** 2 / mse).log10()
-
-
-def evaluate_vae(vae, loader, device, lpips, inception):
-    """Reconstruct every batch of uint8 images; returns (metrics dict, reconstruction pool features or None)."""
-    import numpy as np
-    import torch
-    from torchmetrics.functional.image import structural_similarity_index_measure
-    from tqdm import tqdm
-
-    from models.autoencoder import preprocess_imgs_vae, to_uint8
-    from weights.latent_stats import LatentMoments
-
-    psnrs, ssims, lpipses, pools, moments = [], [], [], [], LatentMoments()
-    with torch.no_grad():
-        for images, _ in tqdm(loader, desc="reconstructing", unit="batch"):
-            images = images.to(device)
-            inputs = preprocess_imgs_vae(images)
-            z = vae.encode(inputs).mode()
-            reconstructions = to_uint8(vae.decode(z).float())
-            moments.update(z)
-            psnrs.append(psnr(reconstructions, images).cpu())
-            ssims.append(structural_similarity_index_measure(
-                reconstructions.float(), images.float(), data_range=255.0, reduction="none").cpu())
-            lpipses.append(lpips(preprocess_imgs_vae(reconstructions), inputs).flatten().cpu())
-            if inception is not None:
-                pools.append(inception.activations(reconstructions.permute(0, 2, 3, 1))[0])
-    mean, std = (value.tolist() for value in moments.mean_std())
-    metrics = {"psnr": torch.cat(psnrs).mean().item(), "ssim": torch.cat(ssims).mean().item(),
-               "lpips": torch.cat(lpipses).mean().item(), "latent_mean": mean, "latent_std": std}
-    return metrics, (np.concatenate(pools) if pools else None)
-
-
-def original_features(inception, loader):
-    """Pool features of the original images."""
-    import numpy as np
-    from tqdm import tqdm
-
-    return np.concatenate([inception.activations(images.permute(0, 2, 3, 1))[0]
-                           for images, _ in tqdm(loader, desc="original images", unit="batch")])
-
-
 def run(args):
     """Evaluate every --vae-ckpt; returns {ckpt: results}."""
     import torch
@@ -90,6 +45,7 @@ def run(args):
     from dataset.h5 import ImageDataset
     from evaluation.inception import build_inception
     from evaluation.metrics import fid_statistics, frechet_distance
+    from evaluation.reconstruction import evaluate_vae, original_features
     from loss.lpips import build_lpips
     from weights.vae import load_vaes
 

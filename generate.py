@@ -13,7 +13,6 @@ other settings is refused, one without that record (older code) is kept as it is
 import argparse
 import datetime
 import json
-import math
 import os
 from pathlib import Path
 
@@ -192,18 +191,6 @@ def record_settings(folder, settings):
             tmp.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-class NullVelocity:
-    """Zero-velocity stand-in: a sampler run with it draws the same random numbers as a real run, at no cost."""
-
-    def __init__(self, num_classes):
-        self.num_classes = num_classes
-
-    def inference(self, x, t, y):
-        import torch
-
-        return torch.zeros_like(x)
-
-
 def save_png(image, path):
     """Write a PNG atomically, so an interrupted run never leaves a truncated file that looks finished."""
     from PIL import Image
@@ -214,38 +201,27 @@ def save_png(image, path):
         Image.fromarray(image).save(tmp, format="PNG")
 
 
-def sample_pngs(args, model, vae, stats, folder, rank, world_size, seed, shape):
+def sample_pngs(args, model, decode, folder, rank, world_size, seed, shape):
     """Sample this process's share: one seed, batch b's image i numbered i * world + rank + b * global."""
-    import torch
     from tqdm import tqdm
 
-    from models.autoencoder import to_uint8_hwc
-    from sampling import samplers
-    from weights.latent_stats import denormalize_latents
+    from sampling.generation import num_batches, sample_batches
 
-    sampler = samplers.euler_maruyama_sampler if args.mode == "sde" else samplers.euler_sampler
-    null_model = NullVelocity(model.num_classes)
-    device = next(model.parameters()).device
     n = args.pproc_batch_size
     global_batch = n * world_size
-    iterations = math.ceil(args.num_fid_samples / global_batch)
+    iterations = num_batches(args.num_fid_samples, global_batch)
     if rank == 0:
         print(f"Total number of images that will be sampled: {iterations * global_batch}")
-    torch.manual_seed(seed)
-    for batch in tqdm(range(iterations), disable=rank != 0):
-        z = torch.randn(n, *shape, device=device)
-        y = torch.randint(0, model.num_classes, (n,), device=device)
-        paths = [folder / f"{i * world_size + rank + batch * global_batch:06d}.png" for i in range(n)]
-        done = all(path.is_file() for path in paths)
-        with torch.no_grad():
-            latents = sampler(model=null_model if done else model, latents=z, y=y, num_steps=args.num_steps,
-                              heun=args.heun, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-                              guidance_high=args.guidance_high, path_type=args.path_type)
-            if done:
-                continue
-            latents = denormalize_latents(latents.to(torch.float32), stats)
-            images = to_uint8_hwc(vae.decode(latents))
-        for image, path in zip(images, paths):
+
+    def paths(batch):
+        return [folder / f"{i * world_size + rank + batch * global_batch:06d}.png" for i in range(n)]
+
+    batches = sample_batches(model, decode, shape, seed=seed, num_batches=iterations, batch_size=n, mode=args.mode,
+                             num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
+                             guidance_low=args.guidance_low, guidance_high=args.guidance_high,
+                             path_type=args.path_type, skip=lambda batch: all(path.is_file() for path in paths(batch)))
+    for batch, images in tqdm(batches, total=iterations, disable=rank != 0):
+        for image, path in zip(images, paths(batch)):
             save_png(image, path)
 
 
@@ -277,8 +253,10 @@ def run(args, rank, world_size, device):
     """Sample (or finish sampling) and return the .npz path."""
     import torch.distributed as dist
 
+    from sampling.generation import process_seed
     from sampling.samplers import compile_inference
     from training.distributed import from_main_process
+    from weights.latent_stats import latent_decoder
     from weights.training_checkpoint import load_for_sampling
 
     ckpt_path, exp_name, step = resolve_checkpoint(args, rank)
@@ -299,9 +277,9 @@ def run(args, rank, world_size, device):
     if rank == 0:  # everything loaded: only now is anything written
         record_settings(folder, settings)
 
-    seed = (args.global_seed + rank) * world_size // 2  # REPA-E's per-process seed, to reproduce its samples
+    seed = process_seed(args.global_seed, rank, world_size)  # REPA-E's, to reproduce its samples
     print(f"Starting rank={rank}, seed={seed}, world_size={world_size}; saving .png samples at {folder}")
-    sample_pngs(args, model, vae, stats, folder, rank, world_size, seed, shape)
+    sample_pngs(args, model, latent_decoder(vae, stats), folder, rank, world_size, seed, shape)
     if dist.is_initialized():
         dist.barrier()  # every PNG is on disk before rank 0 packs them
     npz = folder.with_name(folder.name + ".npz")

@@ -14,6 +14,7 @@ import os
 import sys
 from collections import Counter
 
+from dataset.image_files import center_crop_arr, image_files, read_rgb
 from utils.cli import HelpFormatter, non_negative_int, positive_int
 from utils.errors import UserError, report_user_errors
 
@@ -22,46 +23,16 @@ from utils.errors import UserError, report_user_errors
 MAX_ASPECT_RATIO = 32
 
 
-def center_crop_arr(arr, image_size):
-    """ADM center crop: halve with a box filter while the short side >= 2*image_size, bicubic resize, crop."""
-    import numpy as np
-    from PIL import Image
-
-    pil_image = Image.fromarray(arr)
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    crop_y = (arr.shape[0] - image_size) // 2
-    crop_x = (arr.shape[1] - image_size) // 2
-    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
-
-
 def image_name(index):
     """Name of the index-th image inside images.h5, e.g. 00000/img00000012.png."""
     idx = f"{index:08d}"
     return f"{idx[:5]}/img{idx}.png"
 
 
-def walk_files(folder):
-    """Every regular file under folder (symlinked folders followed; sockets, pipes and broken links left out)."""
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_dir():
-                yield from walk_files(entry.path)
-            elif entry.is_file():
-                yield entry.path
-
-
 def list_images(source_dir, max_images=None):
     """Sorted (path, label or None) of every file with an image extension under source_dir, and the class count."""
-    from PIL import Image
-
-    Image.init()
-    paths = [p for p in walk_files(source_dir) if os.path.splitext(p)[1].lower() in Image.EXTENSION]
+    paths = image_files(source_dir)[:max_images]
     rel = {p: os.path.relpath(p, source_dir).replace(os.sep, "/") for p in paths}
-    paths = sorted(paths, key=rel.get)[:max_images]
 
     meta_path = os.path.join(source_dir, "dataset.json")
     labels = read_source_labels(meta_path) if os.path.isfile(meta_path) else None
@@ -84,19 +55,6 @@ def read_source_labels(meta_path):
     except (ValueError, TypeError, AttributeError) as error:  # not JSON, or not the layout above
         raise UserError(f"{meta_path} is not a labels file {{\"labels\": [[path, class], ...]}} ({error}): fix or "
                         "remove it (without it, classes come from the folder names)") from error
-
-
-def read_rgb(path):
-    """Decode an image file to an (H, W, 3) uint8 array; returns (array, source mode)."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as im:
-        mode = im.mode
-        if mode.startswith("I;16"):
-            # 16-bit grayscale: keep the high byte (Pillow's plain convert would clip everything above 255 to white).
-            im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
-        return np.asarray(im.convert("RGB")), mode
 
 
 def encode_png(arr):

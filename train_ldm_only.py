@@ -58,7 +58,8 @@ def ldm_step(nets, raw_image, moments, labels, accelerator, guard, *, loss_kwarg
 
 def build(args, accelerator, dataset):
     """Frozen encoders and VAE, SiT (normalizer fixed at the VAE's statistics), EMA and optimizer, prepared; and
-    the data loader. Returns (nets, vae, latent shape, loader, sampler)."""
+    the data loader. Returns (nets, vae, its latent statistics, latent shape, loader, sampler)."""
+    import torch
 
     from models.autoencoder import latent_shape
     from models.sit import build_sit
@@ -96,14 +97,17 @@ def build(args, accelerator, dataset):
     if args.compile:
         (sit,) = compile_modules(sit)
     sit, optimizer = accelerator.prepare(sit, optimizer)
-    return SiTNets(encoders, sit, ema, optimizer), vae, shape, dataloader, sampler
+    latents_stats = {key: value.to(device, torch.float32) for key, value in latents_stats.items()}
+    return SiTNets(encoders, sit, ema, optimizer), vae, latents_stats, shape, dataloader, sampler
 
 
-def main(args):
+def main(argv=None):
     """Train a SiT with REPA on cached latents. Every input is checked before anything is built or written."""
+    args = build_parser().parse_args(argv)
     from accelerate.utils import set_seed
 
     from dataset.h5 import ImageLatentDataset
+    from training.evaluator import GenerationEvaluator, evaluate_run
     from training.run import TrainingRun
     from training.sample_grid import sample_grid
     from training.setup import check_dataset, start_run
@@ -116,11 +120,19 @@ def main(args):
                   num_processes=accelerator.num_processes, num_classes=args.num_classes)
 
     set_seed(args.seed)  # the same initial weights on every process
-    nets, vae, shape, dataloader, sampler = build(args, accelerator, dataset)
+    nets, vae, latents_stats, shape, dataloader, sampler = build(args, accelerator, dataset)
     run = TrainingRun(accelerator, exp_dir, config=args, local_batch_size=dataloader.batch_size,
                       max_train_steps=args.max_train_steps, max_nonfinite_steps=args.max_nonfinite_steps,
                       modules={"model": unwrap(nets.sit), "ema": nets.ema}, optimizers={"opt": nets.opt_sit},
                       keep_last_checkpoints=args.keep_last_checkpoints)
+    generation = None
+    if args.eval_every:  # reference, weights and networks of the evaluation checked before anything is written
+        generation = GenerationEvaluator(
+            accelerator, reference=args.eval_ref, resolution=args.resolution, num_samples=args.eval_num_samples,
+            batch_size=args.eval_batch_size, seed=args.eval_seed, sampler=args.eval_sampler, num_steps=args.eval_steps,
+            cfg_scale=args.eval_cfg_scale, metrics=args.eval_metrics, inception_weights=args.inception_weights,
+            inception_random_init=args.inception_random_init, dinov2_weights=args.dinov2_weights,
+            dinov2_random_init=args.dinov2_random_init)
     set_seed(args.seed + accelerator.process_index)  # each process its own random stream
     if resume_path is not None:  # a checkpoint that does not fit these networks stops the run here
         run.resume(resume_path, batches_per_epoch=len(dataloader), seed=args.seed,
@@ -128,6 +140,13 @@ def main(args):
     run.open(project="REPA-E")  # the first write: EXP, its args, log.txt, trackers
     run.logger.info(f"SiT parameters: {sum(p.numel() for p in nets.sit.parameters()):,}; {len(dataset):,} images "
                     f"with latents {args.vae_latents_name} in {args.data_dir}")
+
+    for note in generation.notes if generation else []:
+        run.logger.warning(note)
+
+    def evaluate():  # the VAE file's statistics decode the samples, as generate.py decodes them
+        evaluate_run(run, generation=generation, reconstruction=None, ema=nets.ema, vae=vae, stats=latents_stats,
+                     latent_shape=shape, path_type=args.path_type)
 
     loss_kwargs = dict(path_type=args.path_type, prediction=args.prediction, weighting=args.weighting)
     for raw_image, moments, labels in run.batches(dataloader, sampler, args.epochs):
@@ -139,9 +158,13 @@ def main(args):
         if run.step == 1 or run.step % args.sampling_steps == 0:
             run.save_samples(sample_grid(nets.ema, vae, accelerator, latent_shape=shape,
                                          num_images=args.sample_batch_size, seed=args.seed, path_type=args.path_type))
+        if run.evaluation_due(args.eval_every):
+            evaluate()
+    if run.reached_end and run.evaluation_due(args.eval_every, at_end=True):
+        evaluate()
     run.finish()  # the last step is always checkpointed
     return run
 
 
 if __name__ == "__main__":
-    report_user_errors(main)(build_parser().parse_args())
+    report_user_errors(main)()

@@ -223,12 +223,14 @@ def build(args, accelerator, dataset, loss_config):
     return nets, dataloader, sampler
 
 
-def main(args):
+def main(argv=None):
     """Train SiT and VAE end to end. Every input is checked before anything is built or written."""
+    args = parse_args(argv)
     from accelerate.utils import set_seed
 
     from dataset.h5 import ImageDataset
     from models.autoencoder import latent_shape
+    from training.evaluator import GenerationEvaluator, ReconstructionEvaluator, evaluate_run
     from training.run import TrainingRun
     from training.sample_grid import sample_grid
     from training.setup import check_dataset, load_loss_config, start_run
@@ -253,6 +255,18 @@ def main(args):
                       keep_last_checkpoints=args.keep_last_checkpoints,
                       checkpoint_extra={"vae_loss_buffers": loss_buffers(unwrap(nets.vae_loss_fn)),
                                         **vae_checkpoint_entries(args.vae, unwrap(nets.vae))})
+    generation, reconstruction = None, None
+    if args.eval_every:  # reference, weights and networks of the evaluation checked before anything is written
+        generation = GenerationEvaluator(
+            accelerator, reference=args.eval_ref, resolution=args.resolution, num_samples=args.eval_num_samples,
+            batch_size=args.eval_batch_size, seed=args.eval_seed, sampler=args.eval_sampler, num_steps=args.eval_steps,
+            cfg_scale=args.eval_cfg_scale, metrics=args.eval_metrics, inception_weights=args.inception_weights,
+            inception_random_init=args.inception_random_init, dinov2_weights=args.dinov2_weights,
+            dinov2_random_init=args.dinov2_random_init)
+        reconstruction = ReconstructionEvaluator(
+            accelerator, dataset, num_images=args.eval_num_samples, batch_size=args.eval_batch_size,
+            lpips_random_init=args.lpips_random_init, inception_weights=args.inception_weights,
+            inception_random_init=args.inception_random_init)
     set_seed(args.seed + accelerator.process_index)  # each process its own random stream
     if resume_path is not None:  # a checkpoint that does not fit these networks stops the run here
         checkpoint = run.resume(resume_path, batches_per_epoch=len(dataloader), seed=args.seed,
@@ -263,6 +277,13 @@ def main(args):
     run.logger.info(f"SiT parameters: {sum(p.numel() for p in nets.sit.parameters()):,}; "
                     f"VAE parameters: {sum(p.numel() for p in nets.vae.parameters()):,}; "
                     f"{len(dataset):,} images in {args.data_dir}")
+
+    for note in generation.notes if generation else []:
+        run.logger.warning(note)
+
+    def evaluate():
+        evaluate_run(run, generation=generation, reconstruction=reconstruction, ema=nets.ema, vae=nets.vae,
+                     stats=None, latent_shape=grid_latent_shape, path_type=args.path_type)
 
     loss_kwargs = dict(path_type=args.path_type, prediction=args.prediction, weighting=args.weighting)
     for raw_image, labels in run.batches(dataloader, sampler, args.epochs):
@@ -277,9 +298,13 @@ def main(args):
             run.save_samples(sample_grid(nets.ema, unwrap(nets.vae), accelerator, latent_shape=grid_latent_shape,
                                          num_images=args.sample_batch_size, seed=args.seed,
                                          path_type=args.path_type))
+        if run.evaluation_due(args.eval_every):
+            evaluate()
+    if run.reached_end and run.evaluation_due(args.eval_every, at_end=True):
+        evaluate()
     run.finish()  # the last step is always checkpointed
     return run
 
 
 if __name__ == "__main__":
-    report_user_errors(main)(parse_args())
+    report_user_errors(main)()

@@ -244,7 +244,7 @@ def ldm_rows(args):
         args, args.data_dir, ["--vae-ckpt", args.vae_file, "--vae-latents-name", "bench-vae"]))
     accelerator = accelerator_for(args)
     set_seed(0)
-    nets, _, _, loader, _ = train_ldm_only.build(targs, accelerator, ImageLatentDataset(args.data_dir, "bench-vae"))
+    nets, _, _, _, loader, _ = train_ldm_only.build(targs, accelerator, ImageLatentDataset(args.data_dir, "bench-vae"))
     raw_image, moments, labels = (t.to(accelerator.device) for t in next(iter(loader)))
     guard = NonFiniteGuard()
     loss_kwargs = dict(path_type=targs.path_type, prediction=targs.prediction, weighting=targs.weighting)

@@ -58,6 +58,11 @@ class NpzImages:
     def __len__(self):
         return self.shape[0]
 
+    @property
+    def resolution(self):
+        """The images' height in pixels (the side of square images)."""
+        return self.shape[1]
+
     def batches(self, batch_size):
         """Yield uint8 (b, H, W, 3) arrays of at most batch_size images, in order."""
         if self.memmap is not None:

@@ -1,17 +1,20 @@
-"""Shared test helpers: fixture paths, deterministic weights, single-threaded torch."""
-from pathlib import Path
+"""Shared test fixtures: parity fixture paths, single-threaded torch, offline hubs, and the tiny pipeline many tests
+read (preprocessing -> train_repae -> save_vae_weights -> cache_latents -> train_ldm_only), built once per session."""
+import os
+import shutil
 
 import pytest
-import torch
+from filelock import FileLock
 
-FIXTURES = Path(__file__).parent / "fixtures"
-
-torch.set_num_threads(1)
+# torch and the project load in the test processes, not here: pytest-xdist's controller imports this file too.
 
 
-def load_fixture(name):
-    """Load a parity fixture from tests/fixtures (weights_only)."""
-    return torch.load(FIXTURES / name, map_location="cpu", weights_only=True)
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """One torch thread per test process (pytest-xdist runs one process per core)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -24,10 +27,75 @@ def _offline(monkeypatch):
 @pytest.fixture(scope="module")
 def sit_fix():
     """The SiT and sampler parity fixture (sit_tiny.pt)."""
+    from helpers import load_fixture
+
     return load_fixture("sit_tiny.pt")
 
 
 @pytest.fixture(scope="module")
 def preprocess_fix():
     """The preprocessing parity fixture (preprocess.pt): ADM crops and encoder inputs."""
+    from helpers import load_fixture
+
     return load_fixture("preprocess.pt")
+
+
+def shared_folder(tmp_path_factory, name, build):
+    """A folder made once per test session by build(folder), even when test files run in several pytest-xdist
+    workers (the first to ask builds it under a lock; the others wait and read it)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder = root / name
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A 16-image, 2-class dataset at 32 px (images.h5 by preprocessing.py): 4 batches of 4 per epoch."""
+    from helpers import make_dataset
+
+    return shared_folder(tmp_path_factory, "tiny_data", make_dataset) / "data"
+
+
+@pytest.fixture(scope="session")
+def repae_run(tmp_path_factory, tiny_data):
+    """A finished 6-step train_repae.py run on tiny_data: checkpoints at 3 and 6, sample grids at 1, 3 and 6;
+    returns its experiment folder (its console output in console.txt)."""
+    from helpers import run_script, tiny_training_flags
+
+    def build(folder):
+        result = run_script("train_repae.py", *tiny_training_flags(
+            tiny_data, folder, "base", **{"--max-train-steps": 6, "--checkpointing-steps": 3, "--sampling-steps": 3}),
+            "--lpips-random-init")
+        (folder / "base" / "console.txt").write_text(result.stderr)
+
+    return shared_folder(tmp_path_factory, "repae_run", build) / "base"
+
+
+@pytest.fixture(scope="session")
+def ldm_run(tmp_path_factory, tiny_data, repae_run):
+    """The rest of the pipeline after repae_run: its VAE exported by save_vae_weights.py (pretrained/e2e), the
+    dataset's latents cached by cache_latents.py (data/e2e.h5) and a 6-step train_ldm_only.py run on them
+    (checkpoints at 3 and 6, logging every 4 steps); returns the folder holding pretrained/, data/ and ldm/."""
+    from helpers import run_script, tiny_training_flags
+
+    def build(folder):
+        run_script("save_vae_weights.py", "--repae-ckpt", repae_run / "checkpoints" / "0000006.pt",
+                   "--vae-name", "e2e", "--save-dir", folder / "pretrained")
+        shutil.copytree(tiny_data, folder / "data")
+        vae = folder / "pretrained" / "e2e" / "e2e.pt"
+        run_script("cache_latents.py", "--vae-arch", "f8d4-tiny", "--vae-ckpt-path", vae, "--vae-latents-name", "e2e",
+                   "--data-dir", folder / "data", "--output-dir", folder / "data", "--pproc-batch-size", 8,
+                   "--num-workers", 0)
+        run_script("train_ldm_only.py", *tiny_training_flags(folder / "data", folder, "ldm", **{
+            "--vae-ckpt": vae, "--vae-latents-name": "e2e", "--max-train-steps": 6, "--checkpointing-steps": 3,
+            "--sampling-steps": 3, "--log-every": 4}))
+
+    return shared_folder(tmp_path_factory, "ldm_run", build)

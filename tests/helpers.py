@@ -1,21 +1,36 @@
-"""Helpers for end-to-end tests: a tiny labelled image set, tiny training flags, running the scripts."""
+"""Helpers shared by the tests: parity fixtures, tiny data and models, training flags, running the scripts (in this
+process or in their own), state comparisons."""
 import contextlib
+import gc
+import importlib
+import io
 import os
 import stat
-import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
+from subprocess import CompletedProcess
+from subprocess import run as subprocess_run
 
 import numpy as np
 import skimage.data
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from fixtures.fill import fill_
 from models.sit import SiT
+from utils.errors import report_user_errors
 from weights.latent_stats import set_batchnorm_stats
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load_fixture(name):
+    """Load a parity fixture from tests/fixtures (weights_only)."""
+    return torch.load(FIXTURES / name, map_location="cpu", weights_only=True)
 
 
 def make_image_tree(folder, classes=2, per_class=8, size=(40, 48), seed=0):
@@ -52,21 +67,84 @@ def tiny_training_flags(data_dir, output_dir, exp_name, **overrides):
     return args + ["--no-compile", "--enc-random-init"]
 
 
-def run_script(script, *args, nproc=1, env=None, check=True, timeout=600, cwd=ROOT):
-    """Run a project script (under torchrun with gloo when nproc > 1) in cwd; returns the CompletedProcess.
+def run_script(script, *args, nproc=1, env=None, check=True, timeout=600, cwd=ROOT, subprocess=False):
+    """Run a project script's main(argv) in this process, or in a new Python process (under torchrun with gloo when
+    nproc > 1) when the process is what a test is about; returns a CompletedProcess with its output.
     env adds to the environment; a None value removes the variable."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
                 "ACCELERATE_USE_CPU": "true", **(env or {})}
     full_env = {key: value for key, value in full_env.items() if value is not None}
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    result = subprocess.run([*launcher, str(ROOT / script), *map(str, args)], cwd=cwd, env=full_env,
-                            capture_output=True, text=True, timeout=timeout)
+    args = [str(arg) for arg in args]
+    if subprocess or nproc > 1:
+        launcher = [sys.executable]
+        if nproc > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        result = subprocess_run([*launcher, str(ROOT / script), *args], cwd=cwd, env=full_env,
+                                capture_output=True, text=True, timeout=timeout)
+    else:
+        result = run_main(script, args, env=full_env, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def run_main(script, args, *, env, cwd):
+    """Call `script`'s main(args) as its process would: the given environment and working folder, warnings printed,
+    user errors reported as one line and exit status 1, a fresh accelerate state; returns a CompletedProcess."""
+    module = importlib.import_module(Path(script).stem)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    returncode = 0
+    with (contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), environment(env),
+          contextlib.chdir(cwd), script_warnings(), fresh_accelerate_state()):
+        sys.argv = [script, *args]
+        try:
+            report_user_errors(module.main)(args)
+        except SystemExit as exit:
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+            returncode = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        except Exception:
+            traceback.print_exc()
+            returncode = 1
+    return CompletedProcess([script, *args], returncode, stdout.getvalue(), stderr.getvalue())
+
+
+@contextlib.contextmanager
+def environment(env):
+    """Run the block with exactly these environment variables and sys.argv, then restore the caller's."""
+    saved, saved_argv = dict(os.environ), sys.argv
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        sys.argv = saved_argv
+
+
+@contextlib.contextmanager
+def script_warnings():
+    """Warnings printed to stderr every time, as a script's process shows them (pytest otherwise collects them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        yield
+
+
+@contextlib.contextmanager
+def fresh_accelerate_state():
+    """accelerate keeps one state per process: each in-process run starts from an empty one."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        gc.collect()
 
 
 def assert_same_state(a, b, where=""):
@@ -118,6 +196,14 @@ def assert_close_rel(actual, expected, rtol=1e-8):
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
     err = (actual - expected).abs().max().item()
     assert err <= rtol * expected.abs().max().item(), f"max abs error {err:.3e}"
+
+
+def tiny_sit(**overrides):
+    """A 2-block, 32-wide SiT-like model for 4x4 latents with deterministic non-trivial weights (fill_), in eval
+    mode; keyword arguments override its SiT settings."""
+    config = dict(input_size=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10, z_dims=[16],
+                  projector_dim=32, encoder_depth=1)
+    return fill_(SiT(**{**config, **overrides})).eval()
 
 
 def fixture_sit(fix):

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from conftest import FIXTURES, load_fixture
 from fixtures.fill import fill_
+from helpers import FIXTURES, load_fixture
 from models.autoencoder import AutoencoderKL, DiagonalGaussianDistribution, vae_arch_of, vae_models
 
 ARCHS = ["f8d4", "f16d32"]
@@ -26,7 +26,7 @@ def tiny_vae():
     return vae.double()
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=["f8d4", pytest.param("f16d32", marks=pytest.mark.slow)])
 def filled(request):
     """(arch, filled model, fixture) built once per module and arch."""
     arch = request.param

@@ -34,7 +34,7 @@ def outputs(tmp_path_factory):
     so that their processes' imports and network builds overlap on a machine with several cores."""
     work_dirs = {name: tmp_path_factory.mktemp(name) for name in COMMANDS}
     with ThreadPoolExecutor(len(COMMANDS)) as pool:
-        yield {name: pool.submit(run_script, *command, "--work-dir", work_dirs[name])
+        yield {name: pool.submit(run_script, *command, "--work-dir", work_dirs[name], subprocess=True)
                for name, command in COMMANDS.items()}
 
 

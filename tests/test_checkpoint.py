@@ -1,7 +1,8 @@
-"""Atomic writes (permissions, nothing left behind on failure) and weights-only checkpoint loading."""
+"""Checkpoint I/O: atomic writes (permissions, nothing left behind on failure), weights-only loading with one-line
+errors, strict loading that names what does not fit, finding and pruning checkpoints."""
 import argparse
 import os
-import stat
+import socket
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import ROOT
+from helpers import ROOT, file_mode, umask
 from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
 from utils.errors import UserError
@@ -17,31 +18,27 @@ from utils.files import atomic_write, current_umask
 from weights.checkpoint import (
     atomic_save,
     checkpoint_file,
+    list_checkpoints,
     load_file,
     load_state_dict_strict,
     newest_readable_checkpoint,
+    prune_checkpoints,
     remove_stale_temporaries,
 )
 
 
-def mode(path):
-    """Permission bits of a file or folder."""
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
 @pytest.fixture
 def umask_022():
-    """Run with umask 022 (files 0644), whatever the caller's, and restore it."""
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
+    """Run with umask 022 (files 0644), whatever the caller's."""
+    with umask(0o022):
+        yield
 
 
 def test_saved_checkpoint_gets_umask_permissions(tmp_path, umask_022):
     path = atomic_save({"w": torch.ones(2)}, tmp_path / "checkpoints" / "0000001.pt")
-    assert mode(path) == 0o644  # readable by collaborators, unlike mkstemp's private 0600
+    assert file_mode(path) == 0o644  # readable by collaborators, unlike mkstemp's private 0600
     os.umask(0o077)
-    assert mode(atomic_save({}, tmp_path / "private.pt")) == 0o600
+    assert file_mode(atomic_save({}, tmp_path / "private.pt")) == 0o600
     assert current_umask() == 0o077
 
 
@@ -76,7 +73,7 @@ def test_folder_replaces_the_old_one_at_once(tmp_path, umask_022):
         assert tmp.parent == tmp_path and tmp.is_dir() and not (tmp / "stale.json").exists()
         (tmp / "config.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diffusers"]
-    assert [p.name for p in folder.iterdir()] == ["config.json"] and mode(folder) == 0o755
+    assert [p.name for p in folder.iterdir()] == ["config.json"] and file_mode(folder) == 0o755
     with pytest.raises(ValueError), atomic_write(folder, folder=True) as tmp:
         (tmp / "config.json").write_text("half")
         raise ValueError("export failed")
@@ -86,8 +83,9 @@ def test_folder_replaces_the_old_one_at_once(tmp_path, umask_022):
 
 def test_load_file_allows_namespace_without_changing_torch_globally(tmp_path):
     path = tmp_path / "ckpt.pt"
-    torch.save({"args": argparse.Namespace(model="SiT-XL/2"), "steps": 3}, path)
-    assert load_file(path)["args"].model == "SiT-XL/2"
+    torch.save({"args": argparse.Namespace(model="SiT-XL/2"), "steps": 3}, path)  # as published checkpoints hold
+    loaded = load_file(path)
+    assert loaded["args"].model == "SiT-XL/2" and loaded["steps"] == 3
     assert argparse.Namespace not in torch.serialization.get_safe_globals()
     with pytest.raises(Exception, match="Namespace"):
         torch.load(path, weights_only=True)
@@ -223,3 +221,17 @@ def test_remove_stale_temporaries_takes_only_what_atomic_write_leaves(tmp_path):
     assert sorted(removed) == sorted([*killed, stale_folder])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
     assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_unsafe_pickles_are_refused_with_the_file_named(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"obj": socket.AF_INET}, path)  # an arbitrary class, not allow-listed
+    with pytest.raises(UserError, match="evil.pt"):
+        load_file(path)
+
+
+def test_prune_keeps_newest(tmp_path):
+    for step in (5, 10, 15):
+        atomic_save({}, tmp_path / "checkpoints" / f"{step:07d}.pt")
+    prune_checkpoints(tmp_path, 2)
+    assert list_checkpoints(tmp_path) == [10, 15]

@@ -68,6 +68,14 @@ def test_demo_quick_pipeline(tmp_path):
                       for c in range(8)]
     assert figure and int(figure.group(1)) == sum(labels.count(c) > 2 for c, labels in enumerate(nearest_labels))
 
+    # the FID column is the one train_ldm_only.py logged (one evaluation, at the end of the quick pass)
+    evaluations = [json.loads(line) for line in (out / summary["LDM-only evaluations during training (.jsonl)"])
+                   .read_text().splitlines()]
+    assert [record["step"] for record in evaluations] == [6] and evaluations[0]["samples"] == 8
+    column = re.findall(r"^    step +(\d+): ([\d.]+)$", result.stdout, flags=re.MULTILINE)
+    assert column == [("6", f"{evaluations[0]['fid']:.2f}")]
+    assert "FID of the LDM-only samples during training (random Inception weights: a smoke figure)" in result.stdout
+
     # evaluate.py is left out of the quick pass (tests/test_evaluate.py runs it); the other two tools run
     assert "evaluate.py: skipped by --quick" in result.stdout and "evaluate.py numbers (.json)" not in summary
     vaes = json.loads((out / summary["eval_vae.py table (.json)"]).read_text())

@@ -15,9 +15,8 @@ from huggingface_hub import constants
 
 import generate
 import save_vae_weights
-from helpers import assert_same_state, file_mode, make_dataset, run_script, tiny_training_flags, umask
+from helpers import assert_same_state, file_mode, make_dataset, run_script, tiny_sit, tiny_training_flags, umask
 from models.autoencoder import DiffusersAutoencoder, latent_shape
-from models.sit import SiT
 from training.flags import check_training_args
 from utils.errors import UserError
 from weights.checkpoint import load_file
@@ -148,8 +147,7 @@ def test_hub_subfolder_of_a_pipeline_repo(folders, tmp_path, monkeypatch):
 def tiny_repae_checkpoint(vae):
     """A REPA-E training checkpoint around `vae` (the layout train_repae.py writes), with a tiny SiT."""
     torch.manual_seed(0)
-    sit = SiT(input_size=4, patch_size=2, in_channels=vae.latent_channels, hidden_size=32, depth=1, num_heads=2,
-              num_classes=2, z_dims=[16], projector_dim=32, encoder_depth=1)
+    sit = tiny_sit(in_channels=vae.latent_channels, depth=1, num_classes=2)
     with torch.no_grad():
         sit.bn.running_mean.uniform_(-1, 1)
         sit.bn.running_var.uniform_(0.5, 2)

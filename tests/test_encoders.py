@@ -81,8 +81,14 @@ def test_preprocess_sizes_at_512():
     assert preprocess_raw_image(x[..., :256, :256], "jepa", resolution=256).shape[-1] == 224
 
 
-@pytest.mark.parametrize("resolution", [256, 512])
-@pytest.mark.parametrize("name", sorted(EMBED_DIMS))
+# The fast tier builds each family once (its smallest size at 256 px, one size at 512 px); the slow tier all.
+FAST_SHAPES = {("dinov2-vit-s", 256), ("dinov2reg-vit-s", 256), ("mocov3-vit-s", 256), ("dinov1-vit-b", 256),
+               ("clip-vit-L", 256), ("mae-vit-l", 256), ("jepa-vit-h", 256), ("dinov2-vit-b", 512)}
+
+
+@pytest.mark.parametrize("name,resolution", [
+    pytest.param(name, resolution, marks=() if (name, resolution) in FAST_SHAPES else pytest.mark.slow)
+    for name in sorted(EMBED_DIMS) for resolution in (256, 512)])
 def test_every_family_shapes_on_meta(name, resolution):
     with pytest.warns(UserWarning, match="random weights"):
         encoders, types, archs = load_encoders(name, "meta", resolution=resolution, random_init=True)
@@ -96,7 +102,8 @@ def test_every_family_shapes_on_meta(name, resolution):
 
 
 @pytest.mark.parametrize("name,resolution", [
-    ("dinov2-vit-s", 256), ("dinov2reg-vit-s", 256), ("mocov3-vit-s", 256), ("dinov2-vit-s", 512)])
+    ("dinov2-vit-s", 256), ("dinov2reg-vit-s", 256), ("mocov3-vit-s", 256),
+    pytest.param("dinov2-vit-s", 512, marks=pytest.mark.slow)])
 def test_small_encoders_run(name, resolution):
     with pytest.warns(UserWarning):
         (encoder,), (enc_type,), _ = load_encoders(name, "cpu", resolution=resolution, random_init=True)
@@ -124,6 +131,7 @@ def test_patch_tokens_drop_prefix_and_skip_norm_for_mae_clip():
     assert raw.shape == (2, 4, 384)
 
 
+@pytest.mark.slow
 def test_hub_format_dinov2_reg_file_gives_source_features(tmp_path, monkeypatch):
     source = randomize_(build_encoder("dinov2reg", "s", 256)).eval()
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
@@ -157,6 +165,7 @@ def test_timm_weights_from_the_hf_cache(no_weights_anywhere):
     torch.testing.assert_close(encoder.pos_embed, resample_abs_pos_embed(source.pos_embed, [16, 16]), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_mocov3_release_format_and_timm_safetensors(tmp_path):
     source = randomize_(build_encoder("mocov3", "s", 256)).eval()
     pos_224 = torch.randn(1, 1 + 14 * 14, 384)  # MoCo v3 was trained at 224 px
@@ -176,6 +185,7 @@ def test_mocov3_release_format_and_timm_safetensors(tmp_path):
                                    encoder_patch_tokens(source, "mocov3", x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_torchscript_weights_load_only_when_allowed(tmp_path):
     source = randomize_(build_encoder("mocov3", "s", 16)).eval()
     with warnings.catch_warnings():

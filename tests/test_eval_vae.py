@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from skimage.metrics import structural_similarity
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 import eval_vae
 from dataset.h5 import ImageDataset
 from evaluation.inception import InceptionV3
+from evaluation.reconstruction import psnr
 from helpers import assert_user_error, make_dataset, run_script
 from loss.lpips import build_lpips
 from models.autoencoder import preprocess_imgs_vae, to_uint8, vae_models
@@ -54,6 +54,8 @@ def latent_channel_stats(vae, images):
 
 @pytest.mark.slow
 def test_eval_vae_command_against_independent_numbers(tmp_path, data_dir, images):
+    from torchmetrics.functional.image import structural_similarity_index_measure  # slow to import: only here
+
     vae = gray_vae()
     torch.save(vae.state_dict(), tmp_path / "gray.pt")
     torch.manual_seed(0)
@@ -90,6 +92,7 @@ def test_eval_vae_command_against_independent_numbers(tmp_path, data_dir, images
     assert got["num_images"] == len(images) == 4
 
 
+@pytest.mark.slow
 def test_eval_vae_compares_vae_forms_in_one_table(tmp_path, data_dir, images, capsys):
     first, second = random_vae(1), random_vae(2)
     torch.save(first.state_dict(), tmp_path / "first.pt")
@@ -115,7 +118,7 @@ def test_eval_vae_compares_vae_forms_in_one_table(tmp_path, data_dir, images, ca
         np.testing.assert_allclose(result["latent_std"], std, rtol=1e-5)
         with torch.no_grad():
             reconstructions = to_uint8(vae.decode(vae.encode(preprocess_imgs_vae(images[:3])).mode()))
-        assert result["psnr"] == pytest.approx(eval_vae.psnr(reconstructions, images[:3]).mean().item(), rel=1e-6)
+        assert result["psnr"] == pytest.approx(psnr(reconstructions, images[:3]).mean().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("name, message", [

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,9 @@ from scipy import linalg
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 import evaluate
-from evaluation import metrics
+from evaluation import dinov2, metrics
+from evaluation import features as features_module
+from evaluation.features import FeatureExtractor, compute_metrics
 from evaluation.inception import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, InceptionV3, inception_weights_path
 from evaluation.metrics import (
     fid_statistics,
@@ -21,6 +24,7 @@ from evaluation.metrics import (
     precision_recall,
 )
 from evaluation.npz import NpzImages
+from evaluation.reference import ReferenceStatistics
 from helpers import ROOT, assert_user_error, run_script
 from utils.errors import report_user_errors
 
@@ -218,6 +222,7 @@ def test_inception_features_shapes(net):
     assert pool.std(0).mean() > 0  # unit-scale random weights: features depend on the image
 
 
+@pytest.mark.slow
 def test_inception_features_do_not_depend_on_batching(net):
     images = random_images(4, seed=1)
     whole = net.activations(images)
@@ -308,7 +313,7 @@ def test_npz_images_rejects_bad_files(tmp_path, arrays, message):
 
 
 def test_script_imports_no_torch_before_parsing():
-    code = "import sys, evaluate, eval_vae, visualize_latents; assert 'torch' not in sys.modules"
+    code = "import sys, evaluate, eval_vae, reference_stats, visualize_latents; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
@@ -358,7 +363,11 @@ def test_evaluate_bad_file_ends_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_command(tmp_path, net, weights_file):
+def test_evaluate_command(tmp_path, net, weights_file, monkeypatch, capsys):
+    # no DINOv2 weights on this machine: the default metrics are the ADM evaluator's five
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("REPAE_ENCODER_CKPT_DINOV2_VIT_L", raising=False)
     ref_images, sample_images = random_images(6, size=32, seed=3), random_images(7, size=32, seed=4)
     # Precomputed reference statistics are used as they are; zero covariances keep the 2048x2048 matrix square
     # roots cheap (seconds instead of a minute on two cores) and the expected distances closed-form.
@@ -366,10 +375,13 @@ def test_evaluate_command(tmp_path, net, weights_file):
     np.savez(tmp_path / "ref.npz", arr_0=ref_images, mu=ref_mu, sigma=np.zeros((2048, 2048)), mu_s=ref_mu_s,
              sigma_s=np.zeros((2023, 2023)))
     np.savez(tmp_path / "samples.npz", arr_0=sample_images)
-    result = run_script("evaluate.py", tmp_path / "ref.npz", tmp_path / "samples.npz", "--inception-weights",
-                        weights_file, "--batch-size", 3, "--device", "cpu", "--json", tmp_path / "out.json",
-                        env={"OMP_NUM_THREADS": "2"})
+    returned = evaluate.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), "--inception-weights",
+                              str(weights_file), "--batch-size", "3", "--device", "cpu", "--json",
+                              str(tmp_path / "out.json")])
+    printed, notes = capsys.readouterr()
     numbers = json.loads((tmp_path / "out.json").read_text())
+    assert numbers == returned and "fd_dinov2" not in numbers
+    assert "note: FD-DINOv2 skipped: DINOv2 weights dinov2_vitl14_pretrain.pth (FD-DINOv2) not found" in notes
 
     ref_pool = net.activations(ref_images)[0]
     pool, spatial, probs = net.activations(sample_images)
@@ -383,6 +395,56 @@ def test_evaluate_command(tmp_path, net, weights_file):
     assert (numbers["precision"], numbers["recall"]) == precision_recall(ref_pool, pool)
     assert numbers["num_ref"] == 6 and numbers["num_samples"] == 7
     assert numbers["inception_weights"] == str(weights_file)
-    printed = dict(line.split(": ") for line in result.stdout.splitlines() if line.count(": ") == 1)
+    printed = dict(line.split(": ") for line in printed.splitlines() if line.count(": ") == 1)
     assert [float(printed[name]) for name in ("Inception Score", "FID", "sFID", "Precision", "Recall")] == [
         numbers[key] for key in ("inception_score", "fid", "sfid", "precision", "recall")]
+
+
+def test_metrics_flag_takes_a_comma_list_of_known_names(capsys):
+    parser = evaluate.build_parser()
+    assert parser.parse_args(["r", "s", "--metrics", "fd_dinov2, fid"]).metrics == ["fid", "fd_dinov2"]
+    assert parser.parse_args(["r", "s"]).metrics is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["r", "s", "--metrics", "fid,kid"])
+    assert "give a comma list of is, fid, sfid, precision, recall, fd_dinov2" in capsys.readouterr().err
+
+
+def cheap_distance(mu1, sigma1, mu2, sigma2):
+    """A stand-in for the Frechet distance that depends on every value of both statistics, without the slow matrix
+    square roots of singular covariances (a few samples of many features)."""
+    return float(np.sum((mu1 - mu2) ** 2) + np.sum(np.abs(sigma1 - sigma2)))
+
+
+@pytest.mark.slow
+def test_evaluate_gives_the_numbers_a_training_loop_gets(tmp_path, weights_file, monkeypatch):
+    monkeypatch.setattr(dinov2, "DINOV2_ENCODER", "dinov2-vit-s")  # a small ViT for the ViT-L/14
+    monkeypatch.setattr(features_module, "frechet_distance", cheap_distance)
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(5, size=32, seed=5))
+    samples = random_images(4, size=32, seed=6)
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    wanted = ["is", "sfid", "precision", "recall", "fd_dinov2"]
+    results = evaluate.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), "--metrics", ",".join(wanted),
+                             "--inception-weights", str(weights_file), "--dinov2-random-init", "--batch-size", "3",
+                             "--device", "cpu"])
+    assert results["inception_weights"] == str(weights_file) and results["dinov2_weights"] == "random"
+
+    # a training loop: one extractor, its samples NCHW tensors seen as NHWC, under autocast and reduced precision
+    extractor = FeatureExtractor(wanted, "cpu", inception_weights=weights_file, dinov2_random_init=True)
+    reference = ReferenceStatistics.load(tmp_path / "ref.npz").prepare(extractor, batch_size=3)
+    nchw = torch.from_numpy(samples).permute(0, 3, 1, 2).contiguous()
+    old_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            parts = [extractor(nchw[start:start + 3].permute(0, 2, 3, 1)) for start in (0, 3)]
+            unguarded = extractor.networks["dinov2"].features(nchw[:1].permute(0, 2, 3, 1))
+        # the caller's settings are back
+        assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.benchmark
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+    assert not np.array_equal(unguarded, parts[0]["dinov2"][:1])  # autocast would have changed the features
+    features = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    numbers = compute_metrics(features, reference, wanted)
+    assert list(numbers) == ["inception_score", "sfid", "precision", "recall", "fd_dinov2"]
+    assert numbers == {key: results[key] for key in numbers}

@@ -21,13 +21,13 @@ from weights.latent_stats import denormalize_latents, stats_from_batchnorm
 # The smoke-size SiT of the registry: generate.py builds models by registry name.
 TINY_NAME = "SiT-T/2"
 NUM_CLASSES = 10
-RESOLUTION = 32  # full-size f8d4 VAE on 4x4 latents: fast enough on CPU
+RESOLUTION = 32  # 4x4 latents
 STEP = 100
 
 
 def training_args(vae_ckpt):
     """The model settings a training run records (a subset of the published args.json)."""
-    return dict(model=TINY_NAME, vae="f8d4", resolution=RESOLUTION, enc_type="dinov2-vit-b", encoder_depth=1,
+    return dict(model=TINY_NAME, vae="f8d4-tiny", resolution=RESOLUTION, enc_type="dinov2-vit-b", encoder_depth=1,
                 num_classes=NUM_CLASSES, cfg_prob=0.1, qk_norm=False, fused_attn=True, bn_momentum=0.1,
                 vae_ckpt=vae_ckpt, exp_name="ignored")
 
@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
     """A REPA-E experiment (VAE inside) and a latent-diffusion-only one (VAE file named in args.json)."""
     root = tmp_path_factory.mktemp("generate")
     torch.manual_seed(0)
-    vae = vae_models["f8d4"]().eval()
+    vae = vae_models["f8d4-tiny"]().eval()
     model = tiny_sit()
     vae_file = root / "pretrained" / "tiny-vae" / "tiny-vae.pt"
     vae_file.parent.mkdir(parents=True)

@@ -7,8 +7,8 @@ from huggingface_hub import constants
 
 import generate
 import save_vae_weights
+from helpers import tiny_sit
 from models.autoencoder import vae_models
-from models.sit import SiT
 from utils.errors import UserError
 from weights.diffusers_format import export_diffusers_vae
 from weights.hub import DIFFUSERS_FILES, DIFFUSERS_STATS, HUB_DEFAULT_FILES, resolve_weights
@@ -135,8 +135,7 @@ def test_default_file_table_discovery_and_discriminator(hub_cache):
 
 def test_entry_points_take_hub_ids(hub_cache, tmp_path):
     vae = tiny_vae(0)
-    sit = SiT(input_size=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10, z_dims=[16],
-              projector_dim=32, encoder_depth=1)
+    sit = tiny_sit()
     checkpoint = {"model": sit.state_dict(), "ema": sit.state_dict(), "vae": vae.state_dict(),
                   "args": argparse.Namespace(vae="f8d4-tiny"), "steps": 4}
     add_repo(hub_cache, "REPA-E/sit-test", {"checkpoints/0000004.pt": checkpoint})

@@ -68,6 +68,11 @@ def test_data_with_more_classes_than_num_classes_is_refused():
     check_dataset(data, resolution=32, global_batch_size=2, num_processes=1, num_classes=3)
 
 
+def test_a_batch_the_processes_cannot_share_is_refused():
+    with pytest.raises(UserError, match=r"^--batch-size 5 is not divisible by the 2 processes: pass a multiple of 2$"):
+        check_dataset(FakeDataset([0, 1] * 4), resolution=32, global_batch_size=5, num_processes=2, num_classes=2)
+
+
 def test_wandb_without_login_is_refused_before_anything(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("NETRC", raising=False)

@@ -6,10 +6,9 @@ import torch
 
 import save_vae_weights
 from fixtures.fill import fill_
-from helpers import assert_user_error, file_mode, run_script, umask
+from helpers import assert_user_error, file_mode, run_script, tiny_sit, umask
 from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
-from models.sit import SiT
 from utils.errors import UserError
 from weights.checkpoint import load_file, load_state_dict_strict
 from weights.vae import load_vae
@@ -17,25 +16,23 @@ from weights.vae import load_vae
 
 @pytest.fixture(scope="module")
 def repae_ckpt(tmp_path_factory):
-    """A REPA-E training checkpoint: full-size f8d4 VAE, tiny SiT (batch-norm with statistics), discriminator."""
+    """A REPA-E training checkpoint: tiny f8d4 VAE, tiny SiT (batch-norm with statistics), discriminator."""
     torch.manual_seed(0)
-    vae = vae_models["f8d4"]()
-    sit = fill_(SiT(input_size=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10, z_dims=[16],
-                    projector_dim=32, encoder_depth=1))
+    vae = vae_models["f8d4-tiny"]()
+    sit = tiny_sit()
     checkpoint = {"model": sit.state_dict(), "ema": sit.state_dict(), "vae": vae.state_dict(),
                   "discriminator": fill_(NLayerDiscriminator()).state_dict(),
-                  "args": argparse.Namespace(vae="f8d4", model="SiT-B/2"), "steps": 100}
+                  "args": argparse.Namespace(vae="f8d4-tiny", model="SiT-B/2"), "steps": 100}
     path = tmp_path_factory.mktemp("repae") / "checkpoints" / "0000100.pt"
     path.parent.mkdir()
     torch.save(checkpoint, path)
     return path, checkpoint, sit
 
 
-@pytest.mark.slow
 def test_published_command_line_outputs(repae_ckpt, tmp_path):
     path, checkpoint, _ = repae_ckpt
     run_script("save_vae_weights.py", "--repae-ckpt", path, "--vae-name", "e2e-tiny", "--save-dir", tmp_path / "exps",
-               env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+               env={"CUDA_VISIBLE_DEVICES": ""})
     out = tmp_path / "exps" / "e2e-tiny"
     assert sorted(p.name for p in out.iterdir()) == [
         "e2e-tiny-discriminator-ckpt.pt", "e2e-tiny-latents-stats.pt", "e2e-tiny.pt"]
@@ -44,7 +41,7 @@ def test_published_command_line_outputs(repae_ckpt, tmp_path):
     vae_state = load_file(out / "e2e-tiny.pt")
     assert vae_state.keys() == checkpoint["vae"].keys()
     assert all(torch.equal(vae_state[k], checkpoint["vae"][k]) for k in vae_state)
-    vae, stats = load_vae("f8d4", out / "e2e-tiny.pt")
+    vae, stats = load_vae("f8d4-tiny", out / "e2e-tiny.pt")
 
     running_var, running_mean = checkpoint["ema"]["bn.running_var"], checkpoint["ema"]["bn.running_mean"]
     assert set(stats) == {"latents_scale", "latents_bias"}
@@ -105,7 +102,7 @@ def test_diffusers_export(repae_ckpt, tmp_path):
     files = [outputs[kind] for kind in ("vae", "latents_stats", "discriminator")] + sorted(folder.iterdir())
     assert len(files) == 6 and {file_mode(f) for f in files} == {0o644} and file_mode(folder) == 0o755
     reference = diffusers.AutoencoderKL.from_pretrained(folder).eval()
-    ours, stats = load_vae("f8d4", folder)
+    ours, stats = load_vae("f8d4-tiny", folder)
     stats_file = load_file(outputs["latents_stats"])
     for key in ("latents_scale", "latents_bias"):
         torch.testing.assert_close(stats[key].reshape(1, 4, 1, 1).float(), stats_file[key])

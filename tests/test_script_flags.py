@@ -11,11 +11,13 @@ import eval_vae
 import evaluate
 import generate
 import preprocessing
+import reference_stats
 import save_vae_weights
 import visualize_latents
 from helpers import ROOT
 
-SCRIPTS = (generate, cache_latents, preprocessing, save_vae_weights, evaluate, eval_vae, visualize_latents)
+SCRIPTS = (generate, cache_latents, preprocessing, save_vae_weights, evaluate, eval_vae, visualize_latents,
+           reference_stats)
 # Libraries that take from a tenth of a second (numpy) to several seconds (torch) to import.
 HEAVY = {"torch", "torchvision", "diffusers", "timm", "h5py", "numpy", "PIL", "scipy", "accelerate",
          "huggingface_hub", "safetensors", "tqdm", "torch_fidelity", "torchmetrics"}

@@ -1,8 +1,8 @@
-"""End-to-end runs of train_ldm_only.py on latents cached from a tiny VAE."""
+"""End-to-end runs of train_ldm_only.py on the latents the session's pipeline cached from its exported VAE."""
 import pytest
 import torch
 
-from helpers import assert_same_state, assert_user_error, make_dataset, run_script, save_vae_file, tiny_training_flags
+from helpers import assert_same_state, assert_user_error, run_script, save_vae_file, tiny_training_flags
 from models.autoencoder import vae_models
 from models.sit import SiT_models
 from weights.checkpoint import load_file
@@ -11,43 +11,33 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory):
-    """(data dir with images.h5 + tiny.h5, VAE checkpoint path) for a tiny f8d4 VAE."""
-    root = tmp_path_factory.mktemp("ldm")
-    data = make_dataset(root)
-    torch.manual_seed(0)
-    vae_path = save_vae_file(root / "tiny" / "tiny.pt", vae_models["f8d4-tiny"](),
-                             {"latents_scale": torch.full((1, 4, 1, 1), 2.0),
-                              "latents_bias": torch.full((1, 4, 1, 1), 0.1)})
-    run_script("cache_latents.py", "--vae-arch", "f8d4-tiny", "--vae-ckpt-path", vae_path, "--vae-latents-name",
-               "tiny", "--data-dir", data, "--output-dir", data, "--pproc-batch-size", 8, "--num-workers", 0)
-    return data, vae_path
+def cached(ldm_run):
+    """(data dir with images.h5 + e2e.h5, VAE file) of the session's pipeline (conftest.py)."""
+    return ldm_run / "data", ldm_run / "pretrained" / "e2e" / "e2e.pt"
 
 
 def train(cached, out, name, *extra, **overrides):
     """Run train_ldm_only.py with the tiny flags on the cached latents."""
     data, vae_path = cached
-    flags = {"--vae-ckpt": vae_path, "--vae-latents-name": "tiny", **overrides}
+    flags = {"--vae-ckpt": vae_path, "--vae-latents-name": "e2e", **overrides}
     return run_script("train_ldm_only.py", *tiny_training_flags(data, out, name, **flags), *extra)
 
 
 @pytest.fixture(scope="module")
-def straight(cached, tmp_path_factory):
-    """A finished 6-step run with checkpoints at 3 and 6, logging every 4 steps; returns its experiment folder."""
-    out = tmp_path_factory.mktemp("ldm_straight")
-    train(cached, out, "straight", **{"--max-train-steps": 6, "--checkpointing-steps": 3, "--sampling-steps": 3,
-                                      "--log-every": 4})
-    return out / "straight"
+def straight(ldm_run):
+    """The pipeline's finished 6-step run: checkpoints at 3 and 6, logging every 4 steps."""
+    return ldm_run / "ldm"
 
 
-def test_ldm_only_trains_with_fixed_normalizer(straight):
+def test_ldm_only_trains_with_fixed_normalizer(cached, straight):
     ckpt = load_file(straight / "checkpoints" / "0000006.pt")
     assert {"model", "ema", "opt", "args", "steps"} <= ckpt.keys() and "vae" not in ckpt
     assert ckpt["steps"] == 6 and next(iter(ckpt["opt"]["state"].values()))["step"] == 6
-    # The normalizer keeps the VAE's statistics: running_var = 1 / scale^2, running_mean = bias.
+    # The normalizer keeps the exported VAE's statistics: running_var = 1 / scale^2, running_mean = bias.
+    stats = load_file(cached[1].with_name("e2e-latents-stats.pt"))
     for state in (ckpt["model"], ckpt["ema"]):
-        torch.testing.assert_close(state["bn.running_var"], torch.full((4,), 0.25))
-        torch.testing.assert_close(state["bn.running_mean"], torch.full((4,), 0.1))
+        torch.testing.assert_close(state["bn.running_var"], stats["latents_scale"].flatten() ** -2)
+        torch.testing.assert_close(state["bn.running_mean"], stats["latents_bias"].flatten())
     SiT_models["SiT-T/2"](input_size=4, in_channels=4, num_classes=2, z_dims=[384],
                           encoder_depth=2).load_state_dict(ckpt["ema"], strict=True)
     assert sorted(p.name for p in (straight / "samples").iterdir()) == ["0000001.png", "0000003.png", "0000006.png"]
@@ -75,8 +65,8 @@ def test_latents_cached_by_another_vae_are_refused_before_anything(cached, tmp_p
                           {"latents_scale": torch.ones(1, 32, 1, 1), "latents_bias": torch.zeros(1, 32, 1, 1)})
     data, _ = cached
     result = run_script("train_ldm_only.py", *tiny_training_flags(data, tmp_path, "other", **{
-        "--vae": "f16d32-tiny", "--vae-ckpt": other, "--vae-latents-name": "tiny", "--model": "SiT-T/1"}),
+        "--vae": "f16d32-tiny", "--vae-ckpt": other, "--vae-latents-name": "e2e", "--model": "SiT-T/1"}),
         check=False)
-    assert_user_error(result, "--vae-latents-name tiny: the latents cached in", "are 4x4x4",
+    assert_user_error(result, "--vae-latents-name e2e: the latents cached in", "are 4x4x4",
                       "makes 32x2x2 latents")
     assert not (tmp_path / "other").exists()

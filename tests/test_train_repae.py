@@ -1,9 +1,9 @@
-"""train_repae.py on a tiny CPU configuration: the step in process, end-to-end runs as subprocesses.
+"""End-to-end runs of train_repae.py on a tiny CPU configuration (its step alone: test_repae_step.py).
 
-Expensive runs are shared: `base` (6 steps, checkpoints at 3 and 6) serves the layout, resume and published-resume
-tests; `ddp` (2 gloo processes) serves the batch-norm and two-process resume tests.
+Expensive runs are shared: the session's `repae_run` (6 steps, checkpoints at 3 and 6; conftest.py) serves the
+layout, resume and published-resume tests; `ddp` (2 gloo processes) serves the batch-norm and two-process resume
+tests.
 """
-import copy
 import json
 import os
 import re
@@ -15,17 +15,13 @@ import time
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import train_repae
-from dataset.h5 import ImageDataset
 from helpers import (
     ROOT,
     assert_same_state,
     assert_user_error,
     first_state,
-    make_dataset,
     run_script,
     save_vae_file,
     tiny_training_flags,
@@ -33,9 +29,6 @@ from helpers import (
 from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
 from models.sit import SiT_models
-from training.guard import NonFiniteGuard
-from training.setup import load_loss_config, make_accelerator
-from utils.host_reads import count_host_reads
 from weights.checkpoint import load_file
 
 pytestmark = pytest.mark.slow
@@ -45,9 +38,16 @@ STATS = {"latents_scale": torch.full((1, 4, 1, 1), 2.0), "latents_bias": torch.f
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A 16-image, 2-class dataset at 32 px: 4 batches of 4 per epoch."""
-    return make_dataset(tmp_path_factory.mktemp("repae_data"))
+def data_dir(tiny_data):
+    """The session's 16-image, 2-class dataset at 32 px: 4 batches of 4 per epoch."""
+    return tiny_data
+
+
+def copy_experiment_until(exp, copy, step):
+    """A copy of experiment folder exp as a run stopped at `step` left it: its checkpoints up to that step."""
+    shutil.copytree(exp, copy, ignore=lambda folder, names: [
+        name for name in names if folder.endswith("checkpoints") and int(name.split(".")[0]) > step])
+    return copy
 
 
 def train(data_dir, out, name, *extra, nproc=1, check=True, env=None, **overrides):
@@ -57,12 +57,9 @@ def train(data_dir, out, name, *extra, nproc=1, check=True, env=None, **override
 
 
 @pytest.fixture(scope="module")
-def base(data_dir, tmp_path_factory):
-    """A finished 6-step run: checkpoints at 3 and 6, sample grids at 1, 3 and 6; returns (out dir, result)."""
-    out = tmp_path_factory.mktemp("base")
-    result = train(data_dir, out, "base", **{"--max-train-steps": 6, "--checkpointing-steps": 3,
-                                             "--sampling-steps": 3})
-    return out, result
+def base(repae_run):
+    """The session's finished 6-step run, which tests only read (or leave as it was): (out dir, console output)."""
+    return repae_run.parent, (repae_run / "console.txt").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +76,17 @@ def deterministic_vae(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ddp(data_dir, deterministic_vae, tmp_path_factory):
-    """4 steps on 2 gloo processes with a checkpoint every step; returns the out dir."""
+    """4 steps on 2 gloo processes with a checkpoint every step; returns the out dir. Started by torchrun without
+    accelerate's settings: on a machine without CUDA it still runs as its 2 processes."""
     out = tmp_path_factory.mktemp("ddp")
-    train(data_dir, out, "straight", nproc=2, **{"--vae-ckpt": deterministic_vae, "--max-train-steps": 4,
-                                                 "--checkpointing-steps": 1, "--sampling-steps": 2})
+    train(data_dir, out, "straight", nproc=2, env={"ACCELERATE_USE_CPU": None},
+          **{"--vae-ckpt": deterministic_vae, "--max-train-steps": 4, "--checkpointing-steps": 1,
+             "--sampling-steps": 2})
     return out
 
 
 def test_short_run_writes_published_layout(base):
-    out, result = base
+    out, console = base
     exp = out / "base"
     args = json.loads((exp / "args.json").read_text())
     assert args["model"] == "SiT-T/2" and args["vae_align_proj_coeff"] == 1.5 and args["enc_type"] == "dinov2-vit-s"
@@ -110,20 +109,19 @@ def test_short_run_writes_published_layout(base):
     assert not torch.equal(ckpt["ema"]["blocks.0.attn.qkv.weight"], ckpt["model"]["blocks.0.attn.qkv.weight"])
     # 16 images in batches of 4: step 6 is batch 2 of epoch 1.
     assert ckpt["data"] == {"epoch": 1, "batch_in_epoch": 2, "layout": [1, 4]}
-    assert "sit_loss=" in result.stderr  # progress bar with the main losses
+    assert "sit_loss=" in console  # progress bar with the main losses
 
 
 def test_resume_reaches_the_same_weights(data_dir, base, tmp_path):
     # Stopped after step 3 (epoch 0) and resumed to step 6 (epoch 1): the resume crosses an epoch boundary.
-    train(data_dir, tmp_path, "stopped", **{"--max-train-steps": 3, "--checkpointing-steps": 3,
-                                            "--sampling-steps": 3})
+    stopped = copy_experiment_until(base[0] / "base", tmp_path / "stopped", 3)
     train(data_dir, tmp_path, "stopped", "--resume-latest", **{"--max-train-steps": 6, "--checkpointing-steps": 3,
                                                                "--sampling-steps": 3})
-    assert "Resumed from" in (tmp_path / "stopped" / "log.txt").read_text()
+    assert "Resumed from" in (stopped / "log.txt").read_text()
     # The experiment's args.json stays that of its first start; each resume's flags are kept beside it.
-    assert json.loads((tmp_path / "stopped" / "args.json").read_text())["max_train_steps"] == 3
-    resumed_args = json.loads((tmp_path / "stopped" / "args-resume-0000003.json").read_text())
-    assert resumed_args["max_train_steps"] == 6 and resumed_args["resume_latest"]
+    assert (stopped / "args.json").read_text() == (base[0] / "base" / "args.json").read_text()
+    resumed_args = json.loads((stopped / "args-resume-0000003.json").read_text())
+    assert resumed_args["exp_name"] == "stopped" and resumed_args["resume_latest"]
     straight = load_file(base[0] / "base" / "checkpoints" / "0000006.pt")
     again = load_file(tmp_path / "stopped" / "checkpoints" / "0000006.pt")
     for key in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "rng", "data", "guard"):
@@ -177,7 +175,7 @@ def test_batchnorm_statistics_cover_the_global_batch(data_dir, deterministic_vae
 
 def test_two_process_resume_is_exact(data_dir, deterministic_vae, ddp, tmp_path):
     flags = {"--vae-ckpt": deterministic_vae, "--checkpointing-steps": 1, "--sampling-steps": 2}
-    train(data_dir, tmp_path, "stopped", nproc=2, **{**flags, "--max-train-steps": 2})
+    copy_experiment_until(ddp / "straight", tmp_path / "stopped", 2)
     train(data_dir, tmp_path, "stopped", "--resume-latest", nproc=2, **{**flags, "--max-train-steps": 4})
     straight = load_file(ddp / "straight" / "checkpoints" / "0000004.pt")
     again = load_file(tmp_path / "stopped" / "checkpoints" / "0000004.pt")
@@ -248,97 +246,13 @@ def test_gradient_accumulation_counts_optimization_steps(data_dir, tmp_path):
     assert first_state(ckpt["opt"])["step"] == 2 and first_state(ckpt["opt_vae"])["step"] == 2
 
 
-def build_in_process(data_dir, out, mixed_precision="no", scaler=None):
-    """The trainer's own networks built in this process: (accelerator, nets, one batch of images and labels)."""
-    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
-    args = train_repae.parse_args(tiny_training_flags(data_dir, out, "x", **{"--mixed-precision": mixed_precision})
-                                  + LPIPS)
-    accelerator = make_accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=1,
-                                   report_to="none", logging_dir=out)
-    if scaler is not None:
-        accelerator.scaler = scaler
-    torch.manual_seed(0)
-    loss_config = load_loss_config(ROOT / args.loss_cfg_path, "--loss-cfg-path")
-    nets, loader, _ = train_repae.build(args, accelerator, ImageDataset(data_dir), loss_config)
-    images, labels = next(iter(loader))
-    return accelerator, nets, images, labels
-
-
-def one_step(nets, images, labels, accelerator, guard, **overrides):
-    """One REPA-E step with the published coefficients and a fixed random stream; returns its metrics."""
-    torch.manual_seed(1)
-    kwargs = dict(loss_kwargs=dict(path_type="linear"), proj_coeff=0.5, vae_align_proj_coeff=1.5, max_grad_norm=1.0,
-                  ema_decay=0.9999)
-    logs = train_repae.repae_step(nets, images, labels, 0, accelerator, guard, **{**kwargs, **overrides})
-    guard.end_step()  # as the training loop closes each step
-    return logs
-
-
-@pytest.fixture(scope="module")
-def step_setup(data_dir, tmp_path_factory):
-    """The trainer's own networks, built in this process, with one batch and a restorable initial state."""
-    accelerator, nets, images, labels = build_in_process(data_dir, tmp_path_factory.mktemp("inproc"))
-    with torch.no_grad():  # a non-zero output layer, so the denoising loss has a gradient with respect to z
-        nets.sit.final_layer.linear.weight.normal_(std=0.1)
-    modules = (nets.sit, nets.vae, nets.vae_loss_fn, nets.opt_sit, nets.opt_vae, nets.opt_disc)
-    initial = [copy.deepcopy(module.state_dict()) for module in modules]
-    return accelerator, nets, images, labels, modules, initial
-
-
-def vae_gradients(step_setup, diffusion_loss_to_vae, final_layer_scale=1.0):
-    """Every gradient the VAE's first convolution receives during one REPA-E step from the initial state."""
-    accelerator, nets, images, labels, modules, initial = step_setup
-    for module, state in zip(modules, initial):
-        module.load_state_dict(state)
-    with torch.no_grad():
-        nets.sit.final_layer.linear.weight.mul_(final_layer_scale)
-    received = []
-    handle = nets.vae.encoder.conv_in.weight.register_post_accumulate_grad_hook(
-        lambda param: received.append(param.grad.clone()))
-    one_step(nets, images, labels, accelerator, NonFiniteGuard(10), diffusion_loss_to_vae=diffusion_loss_to_vae)
-    handle.remove()
-    return received
-
-
-def test_the_diffusion_loss_reaches_the_vae_only_without_stop_gradient(step_setup):
-    # With stop-gradient the VAE gets one gradient (its own update), untouched by the SiT's output layer, which
-    # only the diffusion loss uses; without it, that gradient depends on the output layer.
-    stopped, stopped_rescaled = vae_gradients(step_setup, False), vae_gradients(step_setup, False, 3.0)
-    assert len(stopped) == 1 and torch.equal(stopped[0], stopped_rescaled[0])
-    through, through_rescaled = vae_gradients(step_setup, True), vae_gradients(step_setup, True, 3.0)
-    assert len(through) == 1 and not torch.allclose(through[0], through_rescaled[0])
-    assert not torch.allclose(stopped[0], through[0])
-
-
-def test_fp16_on_cpu_scales_unscales_before_clipping_and_skips_nonfinite_updates(data_dir, tmp_path):
-    _, nets32, images, labels = build_in_process(data_dir, tmp_path, "no")
-    logs32 = one_step(nets32, images, labels, *build_in_process(data_dir, tmp_path, "no")[:1], NonFiniteGuard(10))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
-    accelerator, nets, images, labels = build_in_process(data_dir, tmp_path, "fp16", scaler)
-    guard = NonFiniteGuard(10)
-    logs = one_step(nets, images, labels, accelerator, guard)
-    # Three finite updates, each followed by the scaler's growth (interval 1): 2^10 -> 2^13.
-    assert scaler.get_scale() == 2.0 ** 13 and guard.skipped == 0
-    # Gradients are unscaled before clipping: the norms are those of float32, not 2^10 times larger.
-    for name in ("grad_norm_sit", "grad_norm_vae", "grad_norm_disc"):
-        torch.testing.assert_close(logs[name].float(), logs32[name].float(), rtol=0.05, atol=1e-3)
-
-    sit_before = {name: param.detach().clone() for name, param in nets.sit.named_parameters()}
-    vae_before = nets.vae.encoder.conv_in.weight.detach().clone()
-    one_step(nets, images, labels, accelerator, guard, proj_coeff=float("inf"))  # an infinite SiT loss
-    # The SiT update is skipped and the scale backs off once; the VAE and discriminator updates went through.
-    assert scaler.get_scale() == 2.0 ** 13 * 2 * 2 / 2 and guard.skipped == 1
-    assert all(torch.equal(sit_before[name], param) for name, param in nets.sit.named_parameters())
-    assert not torch.equal(vae_before, nets.vae.encoder.conv_in.weight)
-
-
 def test_fp16_on_cpu_resumes_exactly_with_its_scaler(data_dir, tmp_path):
-    flags = {"--mixed-precision": "fp16", "--checkpointing-steps": 2}
-    train(data_dir, tmp_path, "straight", **{**flags, "--max-train-steps": 4})
-    train(data_dir, tmp_path, "stopped", **{**flags, "--max-train-steps": 2})
-    train(data_dir, tmp_path, "stopped", "--resume-latest", **{**flags, "--max-train-steps": 4})
-    straight = load_file(tmp_path / "straight" / "checkpoints" / "0000004.pt")
-    again = load_file(tmp_path / "stopped" / "checkpoints" / "0000004.pt")
+    flags = {"--mixed-precision": "fp16", "--checkpointing-steps": 1}
+    train(data_dir, tmp_path, "straight", **{**flags, "--max-train-steps": 2})
+    copy_experiment_until(tmp_path / "straight", tmp_path / "stopped", 1)
+    train(data_dir, tmp_path, "stopped", "--resume-latest", **{**flags, "--max-train-steps": 2})
+    straight = load_file(tmp_path / "straight" / "checkpoints" / "0000002.pt")
+    again = load_file(tmp_path / "stopped" / "checkpoints" / "0000002.pt")
     assert straight["scaler"]["scale"] == 2.0 ** 16  # torch's initial scale: no overflow, no growth yet
     for key in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "scaler", "rng"):
         assert_same_state(straight[key], again[key], key)
@@ -373,33 +287,6 @@ def test_runs_from_any_working_folder(data_dir, tmp_path):
     assert (tmp_path / "elsewhere" / "checkpoints" / "0000001.pt").is_file()
 
 
-def test_a_step_that_does_not_log_reads_nothing_on_the_host(step_setup):
-    accelerator, nets, images, labels, modules, initial = step_setup
-    for module, state in zip(modules, initial):
-        module.load_state_dict(state)
-    with count_host_reads() as reads:
-        one_step(nets, images, labels, accelerator, NonFiniteGuard(10))
-    assert reads["reads"] == 0
-
-
-def test_a_nonfinite_update_is_skipped_whole_without_a_host_read(step_setup):
-    accelerator, nets, images, labels, modules, initial = step_setup
-    for module, state in zip(modules, initial):
-        module.load_state_dict(state)
-    one_step(nets, images, labels, accelerator, NonFiniteGuard(10))  # gives every optimizer a state
-    sit_before = {name: param.detach().clone() for name, param in nets.sit.named_parameters()}
-    opt_before = copy.deepcopy(nets.opt_sit.state_dict())
-    vae_before = nets.vae.encoder.conv_in.weight.detach().clone()
-    guard = NonFiniteGuard(10)
-    with count_host_reads() as reads:
-        one_step(nets, images, labels, accelerator, guard, proj_coeff=float("inf"))
-    assert reads["reads"] == 0
-    assert all(torch.equal(sit_before[name], param) for name, param in nets.sit.named_parameters())
-    assert_same_state(opt_before, nets.opt_sit.state_dict(), "opt")  # moments and step count untouched
-    assert not torch.equal(vae_before, nets.vae.encoder.conv_in.weight)  # the VAE update went through
-    assert guard.skipped == 1
-
-
 def test_a_run_ended_by_its_epochs_checkpoints_its_last_step_and_resumes_keep_their_records(data_dir, tmp_path):
     flags = {"--max-train-steps": 50, "--epochs": 2, "--checkpointing-steps": 3}  # 2 epochs of 4 steps end it
     train(data_dir, tmp_path, "epochs", **flags)
@@ -411,13 +298,6 @@ def test_a_run_ended_by_its_epochs_checkpoints_its_last_step_and_resumes_keep_th
     assert sorted(p.name for p in exp.glob("args*.json")) == ["args-resume-0000008-2.json", "args-resume-0000008.json",
                                                               "args.json"]
     assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["0000003.pt", "0000006.pt", "0000008.pt"]
-
-
-def test_torchrun_on_cpu_runs_as_its_processes_without_accelerate_settings(data_dir, tmp_path):
-    result = train(data_dir, tmp_path, "two", nproc=2, check=False, env={"ACCELERATE_USE_CPU": None},
-                   **{"--batch-size": 3})
-    assert result.returncode != 0 and "error: --batch-size 3 is not divisible by the 2 processes" in result.stderr
-    assert not (tmp_path / "two").exists()
 
 
 def test_sigint_ends_the_run_at_a_step_with_its_checkpoint(data_dir, tmp_path):

@@ -1,5 +1,5 @@
-"""Checkpoint I/O, the non-finite guard, EMA and the global batch-norm."""
-import argparse
+"""The non-finite guard, the EMA, the global batch-norm and unwrapping prepared modules (checkpoint I/O:
+test_checkpoint.py)."""
 import os
 import socket
 
@@ -7,69 +7,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import save_file
 
-from models.sit import SiT
+from helpers import tiny_sit
 from training.distributed import GlobalBatchNorm2d, convert_global_batchnorm
 from training.ema import update_ema
 from training.guard import NonFiniteGuard
-from utils.errors import UserError
-from weights.checkpoint import atomic_save, list_checkpoints, load_file, load_state_dict_strict, prune_checkpoints
-
-
-def test_published_checkpoint_with_namespace_loads_weights_only(tmp_path):
-    path = tmp_path / "0000010.pt"
-    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(model="SiT-XL/2"), "steps": 10}, path)
-    loaded = load_file(path)
-    assert loaded["args"].model == "SiT-XL/2" and loaded["steps"] == 10
-
-
-def test_unsafe_pickles_are_refused_with_the_file_named(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"obj": socket.AF_INET}, path)  # an arbitrary class, not allow-listed
-    with pytest.raises(UserError, match="evil.pt"):
-        load_file(path)
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        load_file(tmp_path / "missing.pt")
-
-
-def test_safetensors_files_load(tmp_path):
-    save_file({"w": torch.arange(3.0)}, tmp_path / "w.safetensors")
-    assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], torch.arange(3.0))
-
-
-def test_strict_load_error_names_file_keys_and_first_shape_mismatch():
-    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
-    state = module.state_dict()
-    state["0.weight"] = torch.zeros(4, 2)
-    state["extra"] = torch.zeros(1)
-    del state["1.bias"]
-    with pytest.raises(ValueError) as error:
-        load_state_dict_strict(module, state, "ckpt/vae.pt")
-    message = str(error.value)
-    assert "ckpt/vae.pt" in message and "1.bias" in message and "extra" in message
-    assert "0.weight: file has (4, 2), model expects (3, 2)" in message
-
-
-def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
-    path = tmp_path / "ckpt.pt"
-    atomic_save({"a": torch.ones(1)}, path)
-
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        atomic_save({"a": Unpicklable()}, path)
-    assert torch.equal(load_file(path)["a"], torch.ones(1))
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
-
-
-def test_prune_keeps_newest(tmp_path):
-    for step in (5, 10, 15):
-        atomic_save({}, tmp_path / "checkpoints" / f"{step:07d}.pt")
-    prune_checkpoints(tmp_path, 2)
-    assert list_checkpoints(tmp_path) == [10, 15]
 
 
 def test_guard_counts_on_the_device_and_stops_on_a_run():
@@ -98,16 +40,14 @@ def test_guard_counts_on_the_device_and_stops_on_a_run():
 
 
 def test_ema_averages_parameters_and_float_buffers():
-    model = SiT(input_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=2, z_dims=[8], projector_dim=16,
-                encoder_depth=1)
-    ema = SiT(input_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=2, z_dims=[8], projector_dim=16,
-              encoder_depth=1)
+    model, ema = tiny_sit(), tiny_sit()
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(1.0)
         for p in ema.parameters():
             p.fill_(0.0)
         model.bn.running_mean.fill_(2.0)
+        ema.bn.running_mean.zero_()
         model.bn.num_batches_tracked.fill_(7)
     update_ema(ema, model, decay=0.75)
     assert all(torch.allclose(p, torch.full_like(p, 0.25)) for p in ema.parameters())
@@ -127,6 +67,7 @@ def _global_bn_worker(rank, world, port, x, result):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_global_batchnorm_matches_batchnorm_on_the_whole_batch():
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64).float()
     with socket.socket() as s:
@@ -148,21 +89,16 @@ def test_global_batchnorm_matches_batchnorm_on_the_whole_batch():
         torch.testing.assert_close(result[rank][3], reference.running_var)
 
 
-def _unwrap_worker(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def test_unwrap_reaches_the_plain_module_behind_ddp_and_compile(tmp_path):
     from torch.nn.parallel import DistributedDataParallel
 
     from training.step import unwrap
-    plain = torch.nn.Linear(2, 2)
-    for wrapped in (DistributedDataParallel(torch.compile(plain)), torch.compile(DistributedDataParallel(plain))):
-        assert unwrap(wrapped) is plain
-        assert list(unwrap(wrapped).state_dict()) == ["weight", "bias"]
-    dist.destroy_process_group()
 
-
-def test_unwrap_reaches_the_plain_module_behind_ddp_and_compile():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_unwrap_worker, args=(1, port), nprocs=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        plain = torch.nn.Linear(2, 2)
+        for wrapped in (DistributedDataParallel(torch.compile(plain)), torch.compile(DistributedDataParallel(plain))):
+            assert unwrap(wrapped) is plain
+            assert list(unwrap(wrapped).state_dict()) == ["weight", "bias"]
+    finally:
+        dist.destroy_process_group()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FIXTURES, load_fixture
 from fixtures.fill import fill_
+from helpers import FIXTURES, load_fixture
 from loss.discriminator import NLayerDiscriminator
 from loss.lpips import PerceptualLoss, build_lpips
 from loss.vae_loss import ReconstructionLoss_Single_Stage
@@ -120,6 +120,7 @@ def test_lecam_on(fx):
     torch.testing.assert_close(loss_fn.ema_fake_logits_mean, (1 - decay) * fake.reshape(1), **TOL)
 
 
+@pytest.mark.slow
 def test_corrected_lpips_scaling_differs(fx, loss_fn):
     corrected = PerceptualLoss("corrected", pretrained_trunk=False)
     corrected.lpips.load_state_dict(loss_fn.perceptual_loss.lpips.state_dict())
@@ -169,6 +170,7 @@ def test_bad_config(fx):
         ReconstructionLoss_Single_Stage({"losses": {**losses, "reconstruction_loss": "l3"}}, pretrained_lpips=False)
 
 
+@pytest.mark.slow
 def test_discriminator_warmup_trains_the_discriminator_first(fx, monkeypatch):
     loss_fn = build(fx, discriminator_warmup=True)
     monkeypatch.setattr(loss_fn, "discriminator_start", fx["global_step"] + 1)

@@ -4,6 +4,7 @@ Importing this module imports no torch, so that `--help` and flag errors answer 
 """
 import argparse
 
+from evaluation.flags import add_dinov2_flags, add_inception_flags, metric_list
 from utils.cli import (
     VAE_CKPT_HELP,
     HelpFormatter,
@@ -16,6 +17,10 @@ from utils.cli import (
     vae_kind_help,
 )
 from utils.errors import UserError
+
+# What the trainers score their samples with during training: the ADM numbers and FD-DINOv2 (precision and recall
+# would need every reference image's features at each evaluation).
+TRAINING_METRICS = ["is", "fid", "sfid", "fd_dinov2"]
 
 
 def training_parser(description, *, trainer, model_default, vae_default, vae_ckpt_default):
@@ -104,6 +109,30 @@ def training_parser(description, *, trainer, model_default, vae_default, vae_ckp
                       help="distribution of training times")
     loss.add_argument("--proj-coeff", type=non_negative_float, default=0.5,
                       help="weight of the REPA loss in the SiT update")
+
+    evaluation = parser.add_argument_group(
+        "evaluation during training", "the EMA SiT's samples scored as generate.py + evaluate.py score them (and, by "
+        "train_repae.py, the VAE's reconstructions as eval_vae.py does); numbers in EXP/eval.jsonl and the trackers")
+    evaluation.add_argument("--eval-every", type=non_negative_int, default=0,
+                            help="evaluate every N steps and at the end of the run (0: never, as published)")
+    evaluation.add_argument("--eval-num-samples", type=positive_int, default=10_000,
+                            help="K: images sampled per evaluation (train_repae.py also reconstructs the first K "
+                                 "training images)")
+    evaluation.add_argument("--eval-ref", type=str, default=None,
+                            help="reference: the statistics file reference_stats.py writes, or an ADM reference batch")
+    evaluation.add_argument("--eval-sampler", type=str, default="ode", choices=["ode", "sde"],
+                            help="generate.py's --mode")
+    evaluation.add_argument("--eval-steps", type=positive_int, default=50, help="generate.py's --num-steps")
+    evaluation.add_argument("--eval-cfg-scale", type=float, default=1.5, help="generate.py's --cfg-scale")
+    evaluation.add_argument("--eval-batch-size", type=positive_int, default=256,
+                            help="images per sampler batch: the samples are those of one generate.py process with "
+                                 "this --pproc-batch-size, on any number of training processes")
+    evaluation.add_argument("--eval-seed", type=int, default=0, help="generate.py's --global-seed")
+    evaluation.add_argument("--eval-metrics", type=metric_list(TRAINING_METRICS), default=None,
+                            help=f"comma list of {', '.join(TRAINING_METRICS)} (default: all whose weights are on this "
+                                 "machine)")
+    add_inception_flags(evaluation, "IS, FID and sFID (and rFID) are")
+    add_dinov2_flags(evaluation)
     return parser
 
 
@@ -120,6 +149,9 @@ def check_training_args(args):
     depth = SiT_models[args.model].keywords["depth"]
     if args.encoder_depth > depth:
         raise UserError(f"--encoder-depth {args.encoder_depth}: {args.model} has {depth} blocks; pass 1 to {depth}")
+    if args.eval_every and args.eval_ref is None:
+        raise UserError(f"--eval-every {args.eval_every} needs --eval-ref: the statistics file reference_stats.py "
+                        "writes (or an ADM reference batch) of images at --resolution")
     if args.mixed_precision == "fp16" and args.gradient_accumulation_steps > 1:
         # The optimizers share one gradient scaler whose scale may change between their updates.
         raise UserError("--gradient-accumulation-steps > 1 needs --mixed-precision bf16 or no (not fp16)")

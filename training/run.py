@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from training.distributed import all_gather_objects
+from training.distributed import all_gather_objects, from_main_process
 from training.guard import NonFiniteGuard, NonFiniteStop
 from training.sample_grid import save_sample_grid
 from training.tracking import create_logger
@@ -46,6 +46,9 @@ def main_losses(logs, keys=("sit_loss", "denoising_loss", "proj_loss", "vae_loss
     return ", ".join(f"{key}={logs[key]:.4f}" for key in keys if key in logs)
 
 
+EVAL_FILE = "eval.jsonl"  # one line of numbers per evaluation during training
+
+
 class TrainingRun:
     """One run's bookkeeping, the same for both trainers: EXP = output_dir/exp_name with its args and log.txt,
     trackers, the step counter and data position, the non-finite guard, checkpoints and sample grids.
@@ -75,6 +78,7 @@ class TrainingRun:
         self.checkpointed_step, self.stop_reason = None, None
         self.failure = None  # the NonFiniteStop that ended the run
         self.stop_signal = None  # the name of the signal that asked the run to stop
+        self.reached_end = False  # the run did its steps or epochs (not stopped by a signal or non-finite steps)
 
     def open(self, project):
         """Create EXP: args.json for a new run (a resumed one keeps it and adds args-resume-STEP[-N].json), log.txt,
@@ -114,10 +118,12 @@ class TrainingRun:
                         return
                     if self.step >= self.max_train_steps:
                         self.stop_reason = f"reached --max-train-steps {self.max_train_steps}"
+                        self.reached_end = True
                         return
                     self.epoch, self.batch_in_epoch = epoch, index + 1
                     yield batch
             self.stop_reason = f"completed --epochs {epochs}"
+            self.reached_end = True
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
@@ -255,6 +261,34 @@ class TrainingRun:
             self.epoch, self.batch_in_epoch = divmod(micro_batches, batches_per_epoch)
         self.resumed_from, self.checkpointed_step = path, self.step
         return checkpoint
+
+    def evaluation_due(self, every, *, at_end=False):
+        """Whether to evaluate at this step: every `every` steps (0: never) and at the end of a run, unless
+        EXP/eval.jsonl already holds this step (a resumed run); the same answer on every process."""
+        if not every or self.step == 0 or not (at_end or self.step % every == 0):
+            return False  # the same on every process: no collective
+        due = self.step not in self._evaluated_steps() if self.accelerator.is_main_process else None
+        return from_main_process(due)
+
+    def _evaluated_steps(self):
+        """The steps EXP/eval.jsonl holds numbers of."""
+        path = self.exp_dir / EVAL_FILE
+        if not path.is_file():
+            return set()
+        return {json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()}
+
+    def log_evaluation(self, results, seconds):
+        """Record the evaluation of this step (results: {name: number} on process 0): a line appended to
+        EXP/eval.jsonl with the step and the seconds it took, the trackers (eval/NAME curves) and the log."""
+        if self.accelerator.is_main_process:
+            record = {"step": self.step, **results, "seconds": round(seconds, 3)}
+            with open(self.exp_dir / EVAL_FILE, "a") as file:
+                file.write(json.dumps(record) + "\n")
+            self.accelerator.log({f"eval/{name}": value for name, value in results.items()}, step=self.step)
+            numbers = ", ".join(f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}"
+                                for name, value in results.items())
+            self.logger.info(f"Evaluation at step {self.step} ({seconds:.1f} s): {numbers}")
+        self.accelerator.wait_for_everyone()
 
     def save_samples(self, images):
         """Write a sample grid (images in [0, 1]) as EXP/samples/%07d.png and send it to the trackers."""

@@ -13,6 +13,8 @@ def create_logger(exp_dir, is_main):
     """Logger writing to stdout and EXP/log.txt (stdout only when exp_dir is None) on the main process; silent
     elsewhere."""
     logger = logging.getLogger("repae")
+    for handler in logger.handlers:  # a run started earlier in this process closes its log file
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
     if is_main:

@@ -107,8 +107,11 @@ def _pretrained_cfg(family, model_config):
     return get_pretrained_cfg(f"{TIMM_ARCHS[family][model_config]}.{PRETRAINED_TAGS[family]}")
 
 
-def find_weights(name, ckpt=None):
-    """Path of the weights file of an encoder (see module docstring); FileNotFoundError says what to get."""
+def find_weights(name, ckpt=None, fetch=True):
+    """Path of the weights file of an encoder (see module docstring); FileNotFoundError says what to get.
+
+    fetch=False looks only on this machine: no request to the Hugging Face hub.
+    """
     variable = env_var_name(name)
     explicit = ckpt or os.environ.get(variable)
     if explicit:
@@ -120,7 +123,7 @@ def find_weights(name, ckpt=None):
     for path in files:
         if path.is_file():
             return path
-    hub_file = _hf_hub_file(name)
+    hub_file = _hf_hub_file(name, fetch)
     if hub_file is not None:
         return hub_file
     family = parse_encoder_name(name)[3]
@@ -150,8 +153,9 @@ def hf_repo(name):
     return _pretrained_cfg(family, model_config).hf_hub_id or None
 
 
-def _hf_hub_file(name):
-    """timm's copy of the encoder weights: from the Hugging Face cache, else from the hub unless offline; or None."""
+def _hf_hub_file(name, fetch=True):
+    """timm's copy of the encoder weights: from the Hugging Face cache, else from the hub if fetch and not offline;
+    or None."""
     repo = hf_repo(name)
     if repo is None:
         return None
@@ -159,7 +163,7 @@ def _hf_hub_file(name):
         cached = huggingface_hub.try_to_load_from_cache(repo, filename)
         if isinstance(cached, str):
             return Path(cached)
-    if hub_offline():
+    if hub_offline() or not fetch:
         return None
     for filename in HF_FILENAMES:
         try:

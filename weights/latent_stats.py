@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from models.autoencoder import preprocess_imgs_vae
+from models.autoencoder import preprocess_imgs_vae, to_uint8_hwc
 from utils.errors import UserError
 from weights.hub import STATS_SUFFIX
 
@@ -36,6 +36,11 @@ def normalize_latents(z, stats):
 def denormalize_latents(z, stats):
     """Undo normalize_latents: z / scale + bias."""
     return z / stats["latents_scale"] + stats["latents_bias"]
+
+
+def latent_decoder(vae, stats):
+    """Normalized latents -> uint8 (B, H, W, 3) images, as generate.py saves them: denormalize, the VAE's decode."""
+    return lambda z: to_uint8_hwc(vae.decode(denormalize_latents(z, stats)))
 
 
 def stats_from_diffusers_config(config, channels):

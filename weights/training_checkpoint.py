@@ -45,11 +45,12 @@ def check_training_checkpoint(checkpoint, ckpt_path):
 
 
 def projector_shapes(ema_state):
-    """(z_dims, projector_dim) read off the projector weights, so no representation encoder is needed."""
+    """(z_dims, projector_dim) read off the projector weights (projector_dim None without projectors), so no
+    representation encoder is needed."""
     z_dims = []
     while f"projectors.{len(z_dims)}.4.weight" in ema_state:
         z_dims.append(ema_state[f"projectors.{len(z_dims)}.4.weight"].shape[0])
-    projector_dim = ema_state["projectors.0.0.weight"].shape[0] if z_dims else 2048
+    projector_dim = ema_state["projectors.0.0.weight"].shape[0] if z_dims else None
     return z_dims, projector_dim
 
 
