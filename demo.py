@@ -14,7 +14,8 @@ of their own class. The full setting reaches at least 6 of 8; below that the dem
 Every run starts from scratch: a rerun replaces the output folder (only ever a folder demo.py made).
 
     python demo.py                 # about ten minutes on 2 idle cores
-    python demo.py --quick         # a pass of about 1.5 minutes: fewer images and steps, no evaluate.py (the tests)
+    python demo.py --quick         # a short pass (the tests): fewer images and steps, generate.py on one process,
+                                   # no evaluate.py, eval_vae.py or visualize_latents.py
 """
 import argparse
 import json
@@ -35,8 +36,10 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
           "colorwheel")
 MARKER = ".repae-demo"  # marks a folder demo.py made, so that only such a folder is ever replaced
 SETTINGS = {
-    "full": dict(crops=12, repae_steps=150, ldm_steps=800, samples=32, sampling_steps=50, log_every=10, eval_every=200),
-    "quick": dict(crops=4, repae_steps=6, ldm_steps=6, samples=8, sampling_steps=4, log_every=1, eval_every=6),
+    "full": dict(crops=12, repae_steps=150, ldm_steps=800, samples=32, sampling_steps=50, log_every=10, eval_every=200,
+                 generate_processes=2),
+    "quick": dict(crops=4, repae_steps=6, ldm_steps=6, samples=8, sampling_steps=4, log_every=1, eval_every=6,
+                  generate_processes=1),
 }
 RESOLUTION = 32
 BATCH = 16
@@ -179,23 +182,19 @@ def fid_column(eval_file):
                       [f"    step {record['step']:>4}: {record['fid']:.2f}" for record in records])
 
 
-def evaluate_outputs(out, npz, vae_ckpt, quick):
-    """evaluate.py (not with --quick), eval_vae.py and visualize_latents.py on the outputs; returns their files."""
+def evaluate_outputs(out, npz, vae_ckpt):
+    """evaluate.py, eval_vae.py and visualize_latents.py on the outputs; returns their files."""
     folder, data, one_per_class = out / "evaluation", out / "data", out / "data_one_per_class"
     written = {}
-    if quick:
-        print("\nevaluate.py: skipped by --quick (its Inception passes and two 2048x2048 matrix square roots would "
-              "add about a minute)")
-    else:
-        inception = inception_flags()
-        if inception:
-            print("\nNo Inception weights on this machine: evaluate.py runs with random ones, so IS, FID, sFID, "
-                  "precision and recall are only a smoke test.")
-        written["evaluate.py numbers (.json)"] = folder / "samples_vs_training.json"
-        # Inception gains from every core, unlike the tiny training models
-        run("evaluate (the generated samples vs the training images)", "evaluate.py",
-            folder / "training_images.npz", npz, "--device", "cpu",
-            "--json", written["evaluate.py numbers (.json)"], *inception, one_thread=False)
+    inception = inception_flags()
+    if inception:
+        print("\nNo Inception weights on this machine: evaluate.py runs with random ones, so IS, FID, sFID, "
+              "precision and recall are only a smoke test.")
+    written["evaluate.py numbers (.json)"] = folder / "samples_vs_training.json"
+    # Inception gains from every core, unlike the tiny training models
+    run("evaluate (the generated samples vs the training images)", "evaluate.py",
+        folder / "training_images.npz", npz, "--device", "cpu",
+        "--json", written["evaluate.py numbers (.json)"], *inception, one_thread=False)
 
     # a random VAE of the same layout: what end-to-end training started from (up to its seed)
     written["eval_vae.py table (.json)"] = folder / "vae.json"
@@ -232,9 +231,11 @@ What each picture should show (the classes, in order: {', '.join(PHOTOS)}):
   {outputs['generated PNGs']}: generate.py's samples of random classes, as in the last LDM grid.
   {outputs['nearest-neighbour check (samples | nearest training images)']}: a row per class: its
     {SAMPLES_PER_CLASS} samples, then the nearest training image of each; in a recognised class most of the right
-    half comes from that row's photograph.
-  {outputs['visualize_latents.py picture']}: a row per class: the image, then the first three principal
-    components of the latents as colours (4x4 latent pixels), of a random VAE and of the E2E-VAE.""")
+    half comes from that row's photograph.""")
+    if "visualize_latents.py picture" in outputs:
+        print(f"  {outputs['visualize_latents.py picture']}: a row per class: the image, then the first three "
+              "principal\n    components of the latents as colours (4x4 latent pixels), of a random VAE and of the "
+              "E2E-VAE.")
 
 
 def prepare_output_folder(out):
@@ -285,9 +286,11 @@ def train_and_sample(cfg, out):
         "--eval-num-samples", cfg["samples"], "--eval-batch-size", 16, "--eval-steps", cfg["sampling_steps"],
         "--eval-cfg-scale", CFG_SCALE, "--eval-metrics", "is,fid", *inception_flags())
 
-    run("generate (2 processes, gloo)", "generate.py", "--exp-path", exps / "ldm-demo", "--train-steps", ldm_steps,
+    processes = cfg["generate_processes"]
+    run(f"generate ({processes} processes, gloo)" if processes > 1 else "generate", "generate.py",
+        "--exp-path", exps / "ldm-demo", "--train-steps", ldm_steps,
         "--sample-dir", samples, "--num-fid-samples", cfg["samples"], "--pproc-batch-size", 16,
-        "--num-steps", cfg["sampling_steps"], "--cfg-scale", CFG_SCALE, nproc=2)
+        "--num-steps", cfg["sampling_steps"], "--cfg-scale", CFG_SCALE, nproc=processes)
     npz = next(samples.glob("*.npz"))
     return {
         "REPA-E checkpoint": repae_ckpt,
@@ -323,8 +326,11 @@ def main(argv=None):
     recognised = nearest_neighbour_check(out / "exps" / "ldm-demo", cfg["ldm_steps"], out / "data",
                                          cfg["sampling_steps"], check_picture)
     outputs["nearest-neighbour check (samples | nearest training images)"] = check_picture
-    outputs.update(evaluate_outputs(out, outputs["samples for FID (.npz)"],
-                                    outputs["E2E-VAE (+ latent stats, discriminator)"] / "e2e-demo.pt", args.quick))
+    if args.quick:
+        print("\nevaluate.py, eval_vae.py and visualize_latents.py: skipped by --quick (their tests run them)")
+    else:
+        outputs.update(evaluate_outputs(out, outputs["samples for FID (.npz)"],
+                                        outputs["E2E-VAE (+ latent stats, discriminator)"] / "e2e-demo.pt"))
     (out / "summary.json").write_text(json.dumps({k: str(v) for k, v in outputs.items()}, indent=2))
 
     print(f"\nDemo finished in {time.time() - started:.0f} s. Outputs (a rerun replaces {out}):")

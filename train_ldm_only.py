@@ -12,7 +12,7 @@ decodes the sample grids. Then the EMA of the SiT.
 
 Heavy libraries are imported inside the functions that use them, so that --help answers at once.
 """
-from training.flags import training_parser
+from training.flags import generation_eval_settings, training_parser
 from utils.errors import UserError, report_user_errors
 
 
@@ -127,12 +127,7 @@ def main(argv=None):
                       keep_last_checkpoints=args.keep_last_checkpoints)
     generation = None
     if args.eval_every:  # reference, weights and networks of the evaluation checked before anything is written
-        generation = GenerationEvaluator(
-            accelerator, reference=args.eval_ref, resolution=args.resolution, num_samples=args.eval_num_samples,
-            batch_size=args.eval_batch_size, seed=args.eval_seed, sampler=args.eval_sampler, num_steps=args.eval_steps,
-            cfg_scale=args.eval_cfg_scale, metrics=args.eval_metrics, inception_weights=args.inception_weights,
-            inception_random_init=args.inception_random_init, dinov2_weights=args.dinov2_weights,
-            dinov2_random_init=args.dinov2_random_init)
+        generation = GenerationEvaluator(accelerator, **generation_eval_settings(args))
     set_seed(args.seed + accelerator.process_index)  # each process its own random stream
     if resume_path is not None:  # a checkpoint that does not fit these networks stops the run here
         run.resume(resume_path, batches_per_epoch=len(dataloader), seed=args.seed,

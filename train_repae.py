@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from training.flags import training_parser
+from training.flags import generation_eval_settings, training_parser
 from training.nets import SiTNets
 from utils.cli import non_negative_float, positive_float, repository_file, unit_float
 from utils.errors import report_user_errors
@@ -257,12 +257,7 @@ def main(argv=None):
                                         **vae_checkpoint_entries(args.vae, unwrap(nets.vae))})
     generation, reconstruction = None, None
     if args.eval_every:  # reference, weights and networks of the evaluation checked before anything is written
-        generation = GenerationEvaluator(
-            accelerator, reference=args.eval_ref, resolution=args.resolution, num_samples=args.eval_num_samples,
-            batch_size=args.eval_batch_size, seed=args.eval_seed, sampler=args.eval_sampler, num_steps=args.eval_steps,
-            cfg_scale=args.eval_cfg_scale, metrics=args.eval_metrics, inception_weights=args.inception_weights,
-            inception_random_init=args.inception_random_init, dinov2_weights=args.dinov2_weights,
-            dinov2_random_init=args.dinov2_random_init)
+        generation = GenerationEvaluator(accelerator, **generation_eval_settings(args))
         reconstruction = ReconstructionEvaluator(
             accelerator, dataset, num_images=args.eval_num_samples, batch_size=args.eval_batch_size,
             lpips_random_init=args.lpips_random_init, inception_weights=args.inception_weights,

@@ -42,8 +42,9 @@ def main(argv=None):
     from evaluation.features import compute_metrics
     from models.autoencoder import latent_shape, vae_models
     from models.sit import build_sit
-    from training import evaluator as evaluator_module
+    from sampling.generation import sample_batches
     from training.evaluator import GenerationEvaluator
+    from weights.latent_stats import latent_decoder
 
     torch.manual_seed(0)
     work = tempfile.TemporaryDirectory()
@@ -63,29 +64,37 @@ def main(argv=None):
     stats = {"latents_scale": torch.ones(1, shape[0], 1, 1, device=accelerator.device),
              "latents_bias": torch.zeros(1, shape[0], 1, 1, device=accelerator.device)}
 
-    scored = {}
+    # the evaluator's parts on its own stream: sampling + decoding, then each feature network, then the numbers
+    sampling = dict(evaluator.sampling)
+    images = []
 
-    def no_numbers(features, reference, metrics, device):
-        scored.update(features=features)
-        return {}
+    def sample():
+        images[:] = [batch for _, batch in sample_batches(sit, latent_decoder(vae, stats), shape,
+                                                          path_type="linear", **sampling)]
 
-    # sampling and features alone (the numbers replaced), then the numbers alone on the features it gathered
-    original = evaluator_module.compute_metrics
-    evaluator_module.compute_metrics = no_numbers
-    times = harness.time_calls(lambda: evaluator(sit, vae, stats, shape, "linear"), args.repeats)
-    evaluator_module.compute_metrics = original
+    times = {"sampling + decoding": harness.time_calls(sample, args.repeats)}
+    networks = {"inception": ["pool", "spatial", "probs"], "dinov2": ["dinov2"]}
+    gathered = {}
+    for network, wanted in networks.items():
+        wanted = [feature for feature in wanted if feature in evaluator.extractor.features]
+        if wanted:
+            times[f"{network} features"] = harness.time_calls(
+                lambda wanted=wanted: gathered.update(evaluator.extractor.extract(images, wanted)), args.repeats)
     started = time.perf_counter()
-    compute_metrics(scored["features"], evaluator.reference, evaluator.metrics, accelerator.device)
+    compute_metrics({name: values[:args.num_samples] for name, values in gathered.items()}, evaluator.reference,
+                    evaluator.metrics, accelerator.device)
     numbers = time.perf_counter() - started
     config = (f"{args.model} {args.vae} {args.resolution}px K={args.num_samples} b{args.batch_size} "
-              f"ode {args.num_steps} steps cfg 1.5 metrics {','.join(evaluator.metrics)}")
-    per_1000 = [1000 * t / args.num_samples for t in times]
-    rows = [dict(name="sampling + decoding + features, per 1000", config=config, unit="ms", items=1,
-                 times=per_1000, device=harness.device_name(), matmul_flops=harness.matmul_rate()),
-            dict(name="the numbers (Frechet distances), once", config=f"{len(evaluator.metrics)} metrics", unit="ms",
-                 items=1, times=[numbers], device=harness.device_name(), matmul_flops=1)]
+              f"ode {args.num_steps} steps cfg 1.5")
+    rate = harness.matmul_rate()
+    rows = [dict(name=f"{part}, s per 1000 samples", config=config, unit="ms", items=1, device=harness.device_name(),
+                 times=[t / args.num_samples for t in part_times], matmul_flops=rate)
+            for part, part_times in times.items()]
+    rows.append(dict(name="the numbers (Frechet distances), s, once", config=",".join(evaluator.metrics), unit="ms",
+                     items=1, times=[numbers / 1000], device=harness.device_name(), matmul_flops=rate))
     harness.print_table("evaluation during training (training.evaluator.GenerationEvaluator)", rows)
-    print(f"seconds per 1,000 evaluation samples: {sum(per_1000) / len(per_1000):.1f}; fixed: {numbers:.1f} s")
+    per_1000 = sum(1000 * sum(part_times) / len(part_times) / args.num_samples for part_times in times.values())
+    print(f"an evaluation of K samples: {per_1000:.0f} s per 1,000 samples + {numbers:.0f} s for the numbers")
     print(f"command: python bench/bench_eval.py {' '.join(sys.argv[1:] if argv is None else argv)}")
 
 

@@ -206,6 +206,17 @@ def tiny_sit(**overrides):
     return fill_(SiT(**{**config, **overrides})).eval()
 
 
+def training_checkpoint(sit, vae=None, *, steps, args=None, **entries):
+    """A training checkpoint in the published layout: the SiT's weights as model and ema, the VAE's when given (a
+    REPA-E checkpoint), steps, args when given, and any other entries."""
+    checkpoint = {"model": sit.state_dict(), "ema": sit.state_dict(), "steps": steps, **entries}
+    if vae is not None:
+        checkpoint["vae"] = vae.state_dict()
+    if args is not None:
+        checkpoint["args"] = args
+    return checkpoint
+
+
 def fixture_sit(fix):
     """The parity fixture's tiny SiT (sit_tiny.pt) in float64 with fill_ weights and the fixture's normalizer."""
     config = dict(fix["config"])

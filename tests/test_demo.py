@@ -76,11 +76,10 @@ def test_demo_quick_pipeline(tmp_path):
     assert column == [("6", f"{evaluations[0]['fid']:.2f}")]
     assert "FID of the LDM-only samples during training (random Inception weights: a smoke figure)" in result.stdout
 
-    # evaluate.py is left out of the quick pass (tests/test_evaluate.py runs it); the other two tools run
-    assert "evaluate.py: skipped by --quick" in result.stdout and "evaluate.py numbers (.json)" not in summary
-    vaes = json.loads((out / summary["eval_vae.py table (.json)"]).read_text())
-    assert len(vaes) == 2 and all(np.isfinite(row["psnr"]) for row in vaes.values())
-    assert Image.open(summary["visualize_latents.py picture"]).size[0] >= 3 * 32
+    # the evaluation scripts are left out of the quick pass (their own tests run them)
+    assert "evaluate.py, eval_vae.py and visualize_latents.py: skipped by --quick" in result.stdout
+    assert not {"evaluate.py numbers (.json)", "eval_vae.py table (.json)", "visualize_latents.py picture"} & \
+        summary.keys()
 
 
 @pytest.mark.slow

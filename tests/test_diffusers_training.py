@@ -15,7 +15,16 @@ from huggingface_hub import constants
 
 import generate
 import save_vae_weights
-from helpers import assert_same_state, file_mode, make_dataset, run_script, tiny_sit, tiny_training_flags, umask
+from helpers import (
+    assert_same_state,
+    file_mode,
+    make_dataset,
+    run_script,
+    tiny_sit,
+    tiny_training_flags,
+    training_checkpoint,
+    umask,
+)
 from models.autoencoder import DiffusersAutoencoder, latent_shape
 from training.flags import check_training_args
 from utils.errors import UserError
@@ -151,8 +160,7 @@ def tiny_repae_checkpoint(vae):
     with torch.no_grad():
         sit.bn.running_mean.uniform_(-1, 1)
         sit.bn.running_var.uniform_(0.5, 2)
-    return {"model": sit.state_dict(), "ema": sit.state_dict(), "vae": vae.state_dict(),
-            "discriminator": {}, "steps": 1, **vae_checkpoint_entries("diffusers", vae)}
+    return training_checkpoint(sit, vae, steps=1, discriminator={}, **vae_checkpoint_entries("diffusers", vae))
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

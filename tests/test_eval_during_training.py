@@ -11,14 +11,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import evaluate
 import generate
 import reference_stats
 from evaluation import dinov2, features, metrics
 from evaluation.inception import InceptionV3
-from helpers import assert_user_error, run_script, tiny_training_flags
+from helpers import assert_same_state, assert_user_error, run_script, tiny_training_flags
 from training import evaluator
+from weights.checkpoint import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +74,10 @@ def test_in_training_numbers_are_those_of_generate_and_evaluate(ldm_run, referen
     (record,) = eval_lines(exp)
     assert record["step"] == 2 and record["samples"] == 6 and record["seconds"] > 0
     assert {"inception_score", "fid", "sfid", "fd_dinov2"} <= record.keys()
-    assert "Evaluation at step 2" in (exp / "log.txt").read_text()
+    log = (exp / "log.txt").read_text()
+    assert "Evaluation at step 2" in log
+    # six samples of 2048 features: said once at the start, and the numbers still come (the ADM fallback)
+    assert "--eval-num-samples 6: FID of 6 samples may use the ADM evaluator's fallback" in log
 
     npz = generate.main(["--exp-path", str(exp), "--sample-dir", str(tmp_path / "samples"), "--num-fid-samples", "6",
                          "--pproc-batch-size", "4", "--num-steps", "2", "--cfg-scale", "1.0", "--mode", "ode"])
@@ -85,7 +90,7 @@ def test_in_training_numbers_are_those_of_generate_and_evaluate(ldm_run, referen
 
 def test_two_processes_give_the_numbers_of_one_and_a_resume_evaluates_at_the_same_steps(ldm_run, reference,
                                                                                        tmp_path):
-    one = ldm_flags(ldm_run, tmp_path, "one", reference, **{"--max-train-steps": 4, "--eval-metrics": "is"})
+    one = ldm_flags(ldm_run, tmp_path, "one", reference, **{"--max-train-steps": 4, "--eval-metrics": "is,fid"})
     run_script("train_ldm_only.py", *one)
     straight = eval_lines(tmp_path / "one")
     assert [record["step"] for record in straight] == [2, 4]
@@ -96,10 +101,15 @@ def test_two_processes_give_the_numbers_of_one_and_a_resume_evaluates_at_the_sam
         name for name in names if name == "0000004.pt"])
     (resumed / "eval.jsonl").write_text((tmp_path / "one" / "eval.jsonl").read_text().splitlines()[0] + "\n")
     run_script("train_ldm_only.py", *ldm_flags(ldm_run, tmp_path, "resumed", reference, **{
-        "--max-train-steps": 4, "--eval-metrics": "is"}), "--resume-latest")
+        "--max-train-steps": 4, "--eval-metrics": "is,fid"}), "--resume-latest")
     again = eval_lines(resumed)
     assert [record["step"] for record in again] == [2, 4]
-    assert again[1]["inception_score"] == straight[1]["inception_score"]
+    assert {key: again[1][key] for key in ("inception_score", "fid")} == \
+        {key: straight[1][key] for key in ("inception_score", "fid")}
+    # the evaluation at step 2 left the training's random streams alone: the weights are those of the resumed run
+    for key in ("model", "ema", "opt"):
+        assert_same_state(load_file(tmp_path / "one" / "checkpoints" / "0000004.pt")[key],
+                          load_file(resumed / "checkpoints" / "0000004.pt")[key], key)
 
     # The weights of step 2 evaluated by two gloo processes: the samples are dealt out, the numbers are the same.
     two = tmp_path / "two"
@@ -115,8 +125,13 @@ def test_repae_reports_the_vaes_reconstructions_as_eval_vae_does(tiny_data, refe
     ref, weights = reference
     run_script("train_repae.py", *tiny_training_flags(tiny_data, tmp_path, "repae", **{
         "--max-train-steps": 2, "--checkpointing-steps": 2, "--eval-every": 2, "--eval-ref": ref,
-        "--inception-weights": weights, "--eval-metrics": "is", **EVAL}), "--lpips-random-init")
+        "--inception-weights": weights, "--eval-metrics": "is", "--report-to": "tensorboard", **EVAL}),
+        "--lpips-random-init")
     (record,) = eval_lines(tmp_path / "repae")
+    accumulator = EventAccumulator(str(next((tmp_path / "logs" / "repae").rglob("events.out.tfevents.*"))))
+    accumulator.Reload()
+    curves = {tag: [event.step for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    assert curves["eval/inception_score"] == curves["eval/recon_psnr"] == [2]  # the trackers' curves
     assert record["recon_images"] == 6 and {"recon_psnr", "recon_ssim", "recon_lpips", "recon_rfid"} <= record.keys()
     exported = tmp_path / "pretrained"
     run_script("save_vae_weights.py", "--repae-ckpt", tmp_path / "repae" / "checkpoints" / "0000002.pt",

@@ -11,7 +11,7 @@ from PIL import Image
 import generate
 import sampling.samplers
 from fixtures.fill import fill_
-from helpers import assert_user_error, file_mode, run_script, umask
+from helpers import assert_user_error, file_mode, run_script, training_checkpoint, umask
 from models.autoencoder import to_uint8_hwc, vae_models
 from models.sit import SiT_models
 from sampling.samplers import euler_maruyama_sampler, euler_sampler
@@ -63,9 +63,9 @@ def setup(tmp_path_factory):
     torch.save(file_stats, vae_file.with_name("tiny-vae-latents-stats.pt"))
     config = training_args(str(vae_file))
     namespace = argparse.Namespace(**config)
-    state = {"model": model.state_dict(), "ema": model.state_dict(), "args": namespace, "steps": STEP}
-    repae = write_experiment(root / "exps" / "tiny-repae", {**state, "vae": vae.state_dict()}, config)
-    ldm = write_experiment(root / "exps" / "tiny-ldm", state, config)
+    repae = write_experiment(root / "exps" / "tiny-repae", training_checkpoint(model, vae, steps=STEP, args=namespace),
+                             config)
+    ldm = write_experiment(root / "exps" / "tiny-ldm", training_checkpoint(model, steps=STEP, args=namespace), config)
     bn_stats = stats_from_batchnorm(model.bn.running_mean, model.bn.running_var)
     return dict(root=root, repae=repae, ldm=ldm, model=model, vae=vae, file_stats=file_stats, bn_stats=bn_stats)
 

@@ -7,7 +7,7 @@ from huggingface_hub import constants
 
 import generate
 import save_vae_weights
-from helpers import tiny_sit
+from helpers import tiny_sit, training_checkpoint
 from models.autoencoder import vae_models
 from utils.errors import UserError
 from weights.diffusers_format import export_diffusers_vae
@@ -136,8 +136,7 @@ def test_default_file_table_discovery_and_discriminator(hub_cache):
 def test_entry_points_take_hub_ids(hub_cache, tmp_path):
     vae = tiny_vae(0)
     sit = tiny_sit()
-    checkpoint = {"model": sit.state_dict(), "ema": sit.state_dict(), "vae": vae.state_dict(),
-                  "args": argparse.Namespace(vae="f8d4-tiny"), "steps": 4}
+    checkpoint = training_checkpoint(sit, vae, steps=4, args=argparse.Namespace(vae="f8d4-tiny"))
     add_repo(hub_cache, "REPA-E/sit-test", {"checkpoints/0000004.pt": checkpoint})
 
     outputs = save_vae_weights.main(["--repae-ckpt", "REPA-E/sit-test", "--vae-name", "e2e", "--save-dir",

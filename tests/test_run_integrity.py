@@ -52,6 +52,16 @@ def test_encoder_depth_beyond_the_model_is_refused():
         check_training_args(args)
 
 
+def test_evaluation_during_training_needs_a_reference():
+    args = train_ldm_only.build_parser().parse_args(REQUIRED + ["--model", "SiT-T/2", "--vae", "f8d4-tiny",
+                                                                "--vae-ckpt", "none", "--resolution", "32",
+                                                                "--encoder-depth", "2", "--eval-every", "5"])
+    with pytest.raises(UserError, match=r"^--eval-every 5 needs --eval-ref: the statistics file reference_stats.py"):
+        check_training_args(args)
+    args.eval_ref = "ref.npz"
+    check_training_args(args)
+
+
 class FakeDataset(list):
     """A list of labels with the attributes check_dataset reads."""
     image_size, data_dir = (32, 32), "data"

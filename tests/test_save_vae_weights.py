@@ -6,7 +6,7 @@ import torch
 
 import save_vae_weights
 from fixtures.fill import fill_
-from helpers import assert_user_error, file_mode, run_script, tiny_sit, umask
+from helpers import assert_user_error, file_mode, run_script, tiny_sit, training_checkpoint, umask
 from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
 from utils.errors import UserError
@@ -20,9 +20,8 @@ def repae_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     vae = vae_models["f8d4-tiny"]()
     sit = tiny_sit()
-    checkpoint = {"model": sit.state_dict(), "ema": sit.state_dict(), "vae": vae.state_dict(),
-                  "discriminator": fill_(NLayerDiscriminator()).state_dict(),
-                  "args": argparse.Namespace(vae="f8d4-tiny", model="SiT-B/2"), "steps": 100}
+    checkpoint = training_checkpoint(sit, vae, steps=100, args=argparse.Namespace(vae="f8d4-tiny", model="SiT-B/2"),
+                                     discriminator=fill_(NLayerDiscriminator()).state_dict())
     path = tmp_path_factory.mktemp("repae") / "checkpoints" / "0000100.pt"
     path.parent.mkdir()
     torch.save(checkpoint, path)

@@ -11,6 +11,7 @@ eval_vae.py computes them.
 import time
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
@@ -119,9 +120,11 @@ def evaluate_run(run, *, generation, reconstruction, ema, vae, stats, latent_sha
     vae = unwrap(vae)
     was_training = vae.training
     vae.eval()
-    results = generation(ema, vae, stats, latent_shape, path_type) or {}
-    if reconstruction is not None:
-        results.update(reconstruction(vae) or {})
+    devices = [run.accelerator.device] if run.accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the sampler seeds torch: training's random streams go on as before
+        results = generation(ema, vae, stats, latent_shape, path_type) or {}
+        if reconstruction is not None:
+            results.update(reconstruction(vae) or {})
     vae.train(was_training)
     run.log_evaluation(results, seconds=time.time() - started)
 

@@ -136,6 +136,15 @@ def training_parser(description, *, trainer, model_default, vae_default, vae_ckp
     return parser
 
 
+def generation_eval_settings(args):
+    """The settings of training.evaluator.GenerationEvaluator that the --eval-* flags give."""
+    return dict(reference=args.eval_ref, resolution=args.resolution, num_samples=args.eval_num_samples,
+                batch_size=args.eval_batch_size, seed=args.eval_seed, sampler=args.eval_sampler,
+                num_steps=args.eval_steps, cfg_scale=args.eval_cfg_scale, metrics=args.eval_metrics,
+                inception_weights=args.inception_weights, inception_random_init=args.inception_random_init,
+                dinov2_weights=args.dinov2_weights, dinov2_random_init=args.dinov2_random_init)
+
+
 def check_training_args(args):
     """Reject inconsistent flags, naming the flag; imports the model registries (torch) only now."""
     from models.autoencoder import check_image_size

@@ -1,7 +1,6 @@
 """`TrainingRun`, the bookkeeping of one run that both trainers share: experiment folder, step counter, data
 position, logs, checkpoints, resume and sample grids."""
 import contextlib
-import copy
 import itertools
 import json
 import signal
@@ -101,8 +100,10 @@ class TrainingRun:
             self.logger.info(f"Deleted {len(stale)} temporary files of interrupted checkpoint writes")
         if self.resumed_from is not None:
             self.logger.info(f"Resumed from {self.resumed_from} at step {self.step}")
-        self.accelerator.init_trackers(project, config=vars(copy.deepcopy(self.config)),
-                                       init_kwargs={"wandb": {"name": self.config.exp_name}})
+        # the flags as hyperparameters; TensorBoard takes no lists (--eval-metrics): joined with commas
+        config = {name: ",".join(map(str, value)) if isinstance(value, list) else value
+                  for name, value in vars(self.config).items()}
+        self.accelerator.init_trackers(project, config=config, init_kwargs={"wandb": {"name": self.config.exp_name}})
 
     def batches(self, loader, sampler, epochs):
         """The run's batches from its data position on, until max_train_steps steps or `epochs` epochs are done, or
@@ -281,6 +282,8 @@ class TrainingRun:
         """Record the evaluation of this step (results: {name: number} on process 0): a line appended to
         EXP/eval.jsonl with the step and the seconds it took, the trackers (eval/NAME curves) and the log."""
         if self.accelerator.is_main_process:
+            # plain numbers (numpy's float32 is neither JSON's nor the trackers')
+            results = {name: value.item() if hasattr(value, "item") else value for name, value in results.items()}
             record = {"step": self.step, **results, "seconds": round(seconds, 3)}
             with open(self.exp_dir / EVAL_FILE, "a") as file:
                 file.write(json.dumps(record) + "\n")
