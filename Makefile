@@ -23,9 +23,11 @@ test-fast: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) demo.py
 
-# Training steps, sampling, data throughput and step memory on a configuration sized for a CPU; flags: bench/*.py --help.
+# Training steps, sampling, data throughput, step memory and the evaluation during training on a configuration sized
+# for a CPU; flags: bench/*.py --help.
 bench: $(VENV)/.installed
 	$(PY) bench/bench_step.py
 	$(PY) bench/bench_sampling.py
 	$(PY) bench/bench_data.py
 	$(PY) bench/bench_memory.py
+	$(PY) bench/bench_eval.py

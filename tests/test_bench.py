@@ -1,5 +1,6 @@
 """The bench scripts run as scripts on a tiny setting and are read through what they print: the step table times
-the trainers' step and its parts, --profile names the step's operators, the memory table and its fitted line.
+the trainers' step and its parts, --profile names the step's operators, the memory table and its fitted line, the
+parts of an evaluation during training.
 No timing assertions."""
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ COMMANDS = {
              "--rows", "repae", "--warmup", 0, "--repeats", 1),
     "profile": ("bench/bench_step.py", *TINY, "--batch-size", 2, "--profile"),
     "memory": ("bench/bench_memory.py", *TINY, "--batch-sizes", "1,2", "--switches", "on", "--budget-gib", 4),
+    "eval": ("bench/bench_eval.py", "--num-samples", 4, "--batch-size", 2, "--num-steps", 2, "--metrics", "is"),
 }
 
 
@@ -34,7 +36,8 @@ def outputs(tmp_path_factory):
     so that their processes' imports and network builds overlap on a machine with several cores."""
     work_dirs = {name: tmp_path_factory.mktemp(name) for name in COMMANDS}
     with ThreadPoolExecutor(len(COMMANDS)) as pool:
-        yield {name: pool.submit(run_script, *command, "--work-dir", work_dirs[name], subprocess=True)
+        yield {name: pool.submit(run_script, *command, *(["--work-dir", work_dirs[name]] if name != "eval" else []),
+                                 subprocess=True)
                for name, command in COMMANDS.items()}
 
 
@@ -83,3 +86,12 @@ def test_memory_fit_is_the_line_through_the_measured_peaks(outputs):
     fixed, per_image = int(fit["fixed"]), int(fit["per_image"])
     # the printed figures are rounded to whole MiB
     assert all(abs(fixed + per_image * batch - peak) <= 2 for batch, peak in peaks.items())
+
+
+@pytest.mark.slow
+def test_eval_rows_time_each_part_of_an_evaluation(outputs):
+    out = outputs["eval"].result().stdout
+    names = [row["name"].strip() for row in matching_lines(TABLE_ROW, out)]
+    assert names == ["sampling + decoding, s per 1000 samples", "inception features, s per 1000 samples",
+                     "the numbers (Frechet distances), s, once"]
+    assert re.search(r"an evaluation of K samples: \d+ s per 1,000 samples \+ \d+ s for the numbers", out)

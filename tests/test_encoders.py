@@ -206,6 +206,7 @@ def test_torchscript_weights_load_only_when_allowed(tmp_path):
         torch.testing.assert_close(encoder.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_weights_that_are_no_state_dict_are_named(tmp_path):
     path = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), path)
@@ -270,6 +271,7 @@ def test_unreachable_hub_is_asked_once_without_retries(online_hub):
             "could not be fetched.") in str(error.value)
 
 
+@pytest.mark.slow
 def test_hub_cache_is_read_first_when_online(online_hub, no_weights_anywhere):
     calls, _ = online_hub
     source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
@@ -280,6 +282,7 @@ def test_hub_cache_is_read_first_when_online(online_hub, no_weights_anywhere):
     torch.testing.assert_close(encoder.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_reachable_hub_fetches_the_name_the_repo_holds(online_hub, tmp_path):
     calls, answers = online_hub
     source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))

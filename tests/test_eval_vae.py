@@ -148,7 +148,9 @@ def test_eval_vae_bad_checkpoint_ends_with_one_line(tmp_path, data_dir, name, me
     (["--no-rfid"], "LPIPS needs the torchvision VGG16 weights vgg16-397923af.pth, not found at "
                     "{torch}/hub/checkpoints/vgg16-397923af.pth: put the file there (set TORCH_HOME to use another "
                     "cache), or pass --lpips-random-init (smoke runs)"),
-    (["--lpips-random-init"], "at the file, or pass --no-rfid (no rFID) or --inception-random-init (smoke runs)"),
+    pytest.param(["--lpips-random-init"],
+                 "at the file, or pass --no-rfid (no rFID) or --inception-random-init (smoke runs)",
+                 marks=pytest.mark.slow),  # builds LPIPS before it finds no Inception weights
 ])
 def test_eval_vae_missing_weights_name_the_flags_that_skip_them(tmp_path, monkeypatch, data_dir, flags, message):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -103,6 +103,7 @@ def test_input_is_edm2_preprocessing():
     assert (x - plain).abs().max() > 0.05
 
 
+@pytest.mark.slow
 def test_features_are_the_final_norm_class_token():
     net = build_dinov2(random_init=True)
     images = random_images(3, size=40, seed=1)

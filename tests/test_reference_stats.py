@@ -112,6 +112,7 @@ def test_evaluate_with_the_stats_file_equals_evaluate_with_the_batch_it_was_made
     assert from_stats["num_ref"] == from_batch["num_ref"] == 6
 
 
+@pytest.mark.slow
 def test_stats_file_without_images_leaves_out_precision_and_recall(made):
     reference = ReferenceStatistics.load(made["stats"])
     metrics, notes = choose_metrics(None, reference, offered=list(METRICS), dinov2_given=True)
@@ -122,6 +123,7 @@ def test_stats_file_without_images_leaves_out_precision_and_recall(made):
         choose_metrics(["fid", "recall"], reference, offered=list(METRICS), dinov2_given=True)
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_reference_of_other_weights_or_resolution(made, weights_file, tmp_path):
     np.savez(tmp_path / "samples.npz", arr_0=random_images(4, seed=2))
     np.savez(tmp_path / "samples24.npz", arr_0=random_images(4, size=24, seed=2))
@@ -135,6 +137,7 @@ def test_evaluate_refuses_a_reference_of_other_weights_or_resolution(made, weigh
                        *flags(weights_file)])
 
 
+@pytest.mark.slow
 def test_check_reference_as_a_trainer_calls_it(made, weights_file):
     stats, batch = ReferenceStatistics.load(made["stats"]), ReferenceStatistics.load(made["adm"])
     same = FeatureExtractor(["fid", "fd_dinov2"], inception_weights=weights_file, dinov2_random_init=True)

@@ -129,6 +129,7 @@ def test_latent_diffusion_checkpoint_with_no_vae_to_decode_is_refused():
         load_autoencoder(config, {"ema": {}}, "ckpt.pt", None, "cpu")
 
 
+@pytest.mark.slow
 def test_a_vae_folder_of_another_layout_names_the_way_out_of_each_script(tmp_path):
     from models.autoencoder import vae_models
     from weights.diffusers_format import export_diffusers_vae

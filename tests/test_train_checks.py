@@ -7,6 +7,8 @@ import train_ldm_only
 import train_repae
 from helpers import assert_user_error, run_script, tiny_training_flags
 
+pytestmark = pytest.mark.slow  # each start reads the session's tiny dataset, which preprocessing.py makes first
+
 
 @pytest.fixture(scope="module")
 def data_dir(tiny_data):
