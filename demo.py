@@ -1,4 +1,4 @@
-"""The whole REPA-E pipeline on a tiny setting that runs on a CPU in about ten minutes, without downloads.
+"""The whole REPA-E pipeline on a tiny setting that runs on a CPU in minutes, without downloads.
 
 Data: crops of eight colour photographs that ship with scikit-image, one class per photograph, at 32x32 pixels.
 No pretrained weights are available offline, so the VAE starts from random weights and the DINOv2 encoder and
@@ -13,7 +13,7 @@ counts the classes whose samples are mostly closest (in pixels, averaged over 4x
 of their own class. The full setting reaches at least 6 of 8; below that the demo ends with exit status 1.
 Every run starts from scratch: a rerun replaces the output folder (only ever a folder demo.py made).
 
-    python demo.py                 # about ten minutes on 2 idle cores
+    python demo.py                 # about ten minutes on 2 idle cores, plus two FID evaluations (README)
     python demo.py --quick         # a short pass (the tests): fewer images and steps, generate.py on one process,
                                    # no evaluate.py, eval_vae.py or visualize_latents.py
 """
@@ -36,7 +36,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
           "colorwheel")
 MARKER = ".repae-demo"  # marks a folder demo.py made, so that only such a folder is ever replaced
 SETTINGS = {
-    "full": dict(crops=12, repae_steps=150, ldm_steps=800, samples=32, sampling_steps=50, log_every=10, eval_every=200,
+    "full": dict(crops=12, repae_steps=150, ldm_steps=800, samples=32, sampling_steps=50, log_every=10, eval_every=400,
                  generate_processes=2),
     "quick": dict(crops=4, repae_steps=6, ldm_steps=6, samples=8, sampling_steps=4, log_every=1, eval_every=6,
                   generate_processes=1),
