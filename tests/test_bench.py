@@ -64,10 +64,10 @@ def test_step_table_times_the_trainers_step_and_its_parts(outputs):
 def test_profile_prints_the_step_operators(outputs):
     out = outputs["profile"].result().stdout
     # the 20 operators of most self time; which ones make the cut depends on the machine's load
-    operators = [line.split()[0] for line in out.splitlines() if line.startswith("aten::")]
-    assert "Self CPU" in out and len(operators) >= 10
-    assert {"aten::convolution_backward", "aten::_fused_adamw_", "aten::mm", "aten::addmm",
-            "aten::convolution"} & set(operators)
+    operators = [line.split()[0] for line in out.splitlines() if line.strip().startswith("aten::")]
+    assert "Self CPU" in out and len(operators) >= 5
+    assert {"aten::convolution_backward", "aten::mkldnn_convolution", "aten::_fused_adamw_", "aten::mm",
+            "aten::addmm"} & set(operators)
 
 
 @pytest.mark.slow
