@@ -260,8 +260,8 @@ def main(argv=None):
         generation = GenerationEvaluator(accelerator, **generation_eval_settings(args))
         reconstruction = ReconstructionEvaluator(
             accelerator, dataset, num_images=args.eval_num_samples, batch_size=args.eval_batch_size,
-            lpips_random_init=args.lpips_random_init, inception_weights=args.inception_weights,
-            inception_random_init=args.inception_random_init)
+            lpips_random_init=args.lpips_random_init, extractor=generation.extractor,
+            inception_weights=args.inception_weights, inception_random_init=args.inception_random_init)
     set_seed(args.seed + accelerator.process_index)  # each process its own random stream
     if resume_path is not None:  # a checkpoint that does not fit these networks stops the run here
         checkpoint = run.resume(resume_path, batches_per_epoch=len(dataloader), seed=args.seed,

@@ -84,9 +84,10 @@ class ReconstructionEvaluator:
     """PSNR, SSIM, LPIPS and rFID of the current VAE on K fixed training images (the dataset's first), on process 0,
     as eval_vae.py computes them; rFID needs Inception weights (or random ones, a smoke figure)."""
 
-    def __init__(self, accelerator, dataset, *, num_images, batch_size, lpips_random_init, inception_weights,
-                 inception_random_init):
-        """Build LPIPS and Inception and the originals' Inception statistics, on process 0."""
+    def __init__(self, accelerator, dataset, *, num_images, batch_size, lpips_random_init, extractor,
+                 inception_weights, inception_random_init):
+        """Build LPIPS and the originals' Inception statistics, on process 0; Inception is the extractor's (the
+        GenerationEvaluator's) when it has one, else built from the weights flags."""
         self.accelerator = accelerator
         if not accelerator.is_main_process:
             return
@@ -94,8 +95,8 @@ class ReconstructionEvaluator:
         count = min(num_images, len(dataset))
         self.loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size)
         self.lpips = build_lpips(pretrained_trunk=not lpips_random_init).to(device)
-        self.inception = FeatureExtractor(["fid"], device, inception_weights, inception_random_init).networks[
-            "inception"]
+        self.inception = extractor.networks.get("inception") or FeatureExtractor(
+            ["fid"], device, inception_weights, inception_random_init).networks["inception"]
         with full_float32(device.type):
             self.reference = fid_statistics(original_features(self.inception, self.loader))
 

@@ -282,8 +282,6 @@ class TrainingRun:
         """Record the evaluation of this step (results: {name: number} on process 0): a line appended to
         EXP/eval.jsonl with the step and the seconds it took, the trackers (eval/NAME curves) and the log."""
         if self.accelerator.is_main_process:
-            # plain numbers (numpy's float32 is neither JSON's nor the trackers')
-            results = {name: value.item() if hasattr(value, "item") else value for name, value in results.items()}
             record = {"step": self.step, **results, "seconds": round(seconds, 3)}
             with open(self.exp_dir / EVAL_FILE, "a") as file:
                 file.write(json.dumps(record) + "\n")
