@@ -38,7 +38,9 @@ class ReconstructionLoss_Single_Stage(nn.Module):
 
         # Parameters in the order logvar, discriminator, LPIPS net, so that an optimizer over self.parameters()
         # loads the `opt_disc` state dicts of REPA-E checkpoints.
-        self.discriminator = NLayerDiscriminator(input_nc=3, n_layers=3)
+        # discriminator_channels: the first layer's width (published: 64; narrower for CPU test runs).
+        self.discriminator = NLayerDiscriminator(input_nc=3, ndf=int(cfg.get("discriminator_channels", 64)),
+                                                 n_layers=3)
         self.perceptual_loss = PerceptualLoss(cfg.get("lpips_scaling", "published"), pretrained_lpips)
         self.logvar = nn.Parameter(torch.full((), float(cfg.get("logvar_init", 0.0))), requires_grad=False)
 

@@ -272,9 +272,11 @@ _SIZES = {
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "S": dict(depth=12, hidden_size=384, num_heads=6),
 }
-# A 4-block, 192-wide SiT for smoke runs, tests and the demo on a CPU; its 256-wide projector keeps a checkpoint at
-# 12 MB of weights (the published 2048 would make it 33 MB, two thirds of it projector).
-_SMOKE_SIZES = {"T": dict(depth=4, hidden_size=192, num_heads=3, projector_dim=256)}
+# Smoke sizes for a CPU, not published ones. T: a 4-block, 192-wide SiT for smoke runs and the demo; its 256-wide
+# projector keeps a checkpoint at 12 MB of weights (the published 2048 would make it 33 MB, two thirds of it
+# projector). P: a 2-block, 64-wide SiT for the test suite's training runs (under 1 MB of weights).
+_SMOKE_SIZES = {"T": dict(depth=4, hidden_size=192, num_heads=3, projector_dim=256),
+                "P": dict(depth=2, hidden_size=64, num_heads=2, projector_dim=64)}
 
 SiT_models = {
     f"SiT-{size}/{patch}": functools.partial(SiT, patch_size=patch, **cfg)

@@ -65,15 +65,29 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """A weights file of the FID Inception network with random (unit-scale) weights, written once per session."""
+
+    def build(folder):
+        import torch
+
+        from evaluation.inception import InceptionV3
+
+        torch.manual_seed(0)
+        torch.save(InceptionV3().state_dict(), folder / "random-inception.pth")
+
+    return shared_folder(tmp_path_factory, "inception", build) / "random-inception.pth"
+
+
+@pytest.fixture(scope="session")
 def repae_run(tmp_path_factory, tiny_data):
     """A finished 6-step train_repae.py run on tiny_data: checkpoints at 3 and 6, sample grids at 1, 3 and 6;
     returns its experiment folder (its console output in console.txt)."""
-    from helpers import run_script, tiny_training_flags
+    from helpers import run_script, tiny_repae_flags
 
     def build(folder):
-        result = run_script("train_repae.py", *tiny_training_flags(
-            tiny_data, folder, "base", **{"--max-train-steps": 6, "--checkpointing-steps": 3, "--sampling-steps": 3}),
-            "--lpips-random-init")
+        result = run_script("train_repae.py", *tiny_repae_flags(
+            tiny_data, folder, "base", **{"--max-train-steps": 6, "--checkpointing-steps": 3, "--sampling-steps": 3}))
         (folder / "base" / "console.txt").write_text(result.stderr)
 
     return shared_folder(tmp_path_factory, "repae_run", build) / "base"

@@ -26,6 +26,7 @@ from weights.latent_stats import set_batchnorm_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
+TINY_LOSS_CONFIG = FIXTURES / "tiny_vae_loss.yaml"
 
 
 def load_fixture(name):
@@ -54,10 +55,10 @@ def make_dataset(tmp_path, resolution=32, **tree_kwargs):
 
 
 def tiny_training_flags(data_dir, output_dir, exp_name, **overrides):
-    """Flags of a seconds-long CPU run: SiT-T/2, tiny f8d4 VAE, random encoder and LPIPS trunk, 32 px."""
+    """Flags either trainer takes for a seconds-long CPU run: SiT-P/2, tiny f8d4 VAE, random encoder, 32 px."""
     flags = {
         "--exp-name": exp_name, "--output-dir": output_dir, "--data-dir": data_dir, "--resolution": 32,
-        "--model": "SiT-T/2", "--vae": "f8d4-tiny", "--vae-ckpt": "none", "--enc-type": "dinov2-vit-s",
+        "--model": "SiT-P/2", "--vae": "f8d4-tiny", "--vae-ckpt": "none", "--enc-type": "dinov2-vit-s",
         "--batch-size": 4, "--max-train-steps": 4, "--checkpointing-steps": 2, "--sampling-steps": 1000,
         "--sample-batch-size": 4, "--num-classes": 2, "--encoder-depth": 2, "--report-to": "none",
         "--mixed-precision": "no", "--num-workers": 0, "--seed": 0,
@@ -65,6 +66,12 @@ def tiny_training_flags(data_dir, output_dir, exp_name, **overrides):
     flags.update(overrides)
     args = [str(a) for kv in flags.items() if kv[1] is not None for a in kv]
     return args + ["--no-compile", "--enc-random-init"]
+
+
+def tiny_repae_flags(data_dir, output_dir, exp_name, **overrides):
+    """tiny_training_flags for train_repae.py: with an 8-wide discriminator and a random LPIPS trunk."""
+    flags = tiny_training_flags(data_dir, output_dir, exp_name, **{"--loss-cfg-path": TINY_LOSS_CONFIG, **overrides})
+    return flags + ["--lpips-random-init"]
 
 
 def run_script(script, *args, nproc=1, env=None, check=True, timeout=600, cwd=ROOT, subprocess=False):
@@ -196,6 +203,16 @@ def assert_close_rel(actual, expected, rtol=1e-8):
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
     err = (actual - expected).abs().max().item()
     assert err <= rtol * expected.abs().max().item(), f"max abs error {err:.3e}"
+
+
+def one_storage_(model, std=0.02):
+    """Make every weight of model a view of one random storage, each at its own offset so that no two are equal: a
+    torch.save of its state dict then writes that storage once (a ViT-S file of 2 MB instead of 88 MB)."""
+    params = list(model.parameters())
+    storage = torch.randn(max(param.numel() for param in params) + len(params)) * std
+    for offset, param in enumerate(params):
+        param.data = storage[offset:offset + param.numel()].view_as(param)
+    return model
 
 
 def tiny_sit(**overrides):

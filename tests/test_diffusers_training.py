@@ -44,7 +44,7 @@ F4C8 = dict(latent_channels=8, block_out_channels=[16, 32, 32],
             latents_mean=[0.1 * i for i in range(8)], latents_std=[1.0 + 0.1 * i for i in range(8)])
 LAYOUTS = {"flux-like": FLUX_LIKE, "sdxl-like": SDXL_LIKE, "f4c8": F4C8}
 # SiT patch size per downsampling factor, so that 32-px images give the 2x2 tokens of a 32-px DINOv2
-SIT_FOR_FACTOR = {8: "SiT-T/2", 4: "SiT-T/4"}
+SIT_FOR_FACTOR = {8: "SiT-P/2", 4: "SiT-P/4"}
 
 
 def write_folder(folder, config, seed=0):

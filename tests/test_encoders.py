@@ -9,6 +9,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
+from helpers import one_storage_
 from models.encoders import build_encoder, encoder_patch_tokens, preprocess_raw_image
 from utils.errors import UserError
 from weights.encoders import load_encoders, read_weights
@@ -33,14 +34,17 @@ def no_weights_anywhere(tmp_path, monkeypatch):
     return tmp_path
 
 
-def randomize_(model):
-    """Make layer scales and prefix tokens non-trivial so that every weight shows in the features."""
+def randomize_(model, one_storage=False):
+    """Make layer scales and prefix tokens non-trivial so that every weight shows in the features; one_storage: the
+    other weights share one storage (one_storage_), for a small torch.save file."""
     torch.manual_seed(0)
+    if one_storage:
+        one_storage_(model)
     for name, param in model.named_parameters():
         if name.endswith("gamma"):
-            param.data.uniform_(0.5, 1.0)
+            param.data = torch.empty_like(param).uniform_(0.5, 1.0)
         elif name in ("cls_token", "reg_token", "pos_embed"):
-            param.data.normal_(0, 0.5)
+            param.data = torch.empty_like(param).normal_(0, 0.5)
     return model
 
 
@@ -55,7 +59,7 @@ def hf_cache_snapshot(hf_cache, repo):
 
 def to_official_dinov2(timm_state):
     """timm DINOv2 state dict -> the official hub checkpoint layout (mask token; class position inside pos_embed)."""
-    state = {k: v.clone() for k, v in timm_state.items()}
+    state = dict(timm_state)
     state["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
     if "reg_token" in state:
         class_pos = torch.randn(1, 1, state["cls_token"].shape[-1])
@@ -133,7 +137,7 @@ def test_patch_tokens_drop_prefix_and_skip_norm_for_mae_clip():
 
 @pytest.mark.slow
 def test_hub_format_dinov2_reg_file_gives_source_features(tmp_path, monkeypatch):
-    source = randomize_(build_encoder("dinov2reg", "s", 256)).eval()
+    source = randomize_(build_encoder("dinov2reg", "s", 256), one_storage=True).eval()
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(to_official_dinov2(source.state_dict()), path)
     monkeypatch.setenv("REPAE_ENCODER_CKPT_DINOV2REG_VIT_S", str(path))
@@ -145,7 +149,7 @@ def test_hub_format_dinov2_reg_file_gives_source_features(tmp_path, monkeypatch)
 
 
 def test_hub_cache_dinov2_518_checkpoint_resampled_as_published(no_weights_anywhere):
-    source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
+    source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0), one_storage=True)
     official = to_official_dinov2(source.state_dict())
     hub_dir = no_weights_anywhere / "torch" / "hub" / "checkpoints"
     hub_dir.mkdir(parents=True)
@@ -187,7 +191,7 @@ def test_mocov3_release_format_and_timm_safetensors(tmp_path):
 
 @pytest.mark.slow
 def test_torchscript_weights_load_only_when_allowed(tmp_path):
-    source = randomize_(build_encoder("mocov3", "s", 16)).eval()
+    source = randomize_(build_encoder("mocov3", "s", 16), one_storage=True).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracing warns about the shape checks it freezes
         scripted = torch.jit.trace(source, torch.randn(1, 3, 16, 16))
@@ -274,7 +278,7 @@ def test_unreachable_hub_is_asked_once_without_retries(online_hub):
 @pytest.mark.slow
 def test_hub_cache_is_read_first_when_online(online_hub, no_weights_anywhere):
     calls, _ = online_hub
-    source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
+    source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0), one_storage=True)
     snapshot = hf_cache_snapshot(no_weights_anywhere / "hf", "timm/vit_small_patch14_dinov2.lvd142m")
     torch.save(source.state_dict(), snapshot / "pytorch_model.bin")  # the second name: every name is looked up first
     (encoder,), _, _ = load_encoders("dinov2-vit-s", "cpu")

@@ -10,15 +10,13 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import evaluate
 import generate
 import reference_stats
 from evaluation import dinov2, features, metrics
-from evaluation.inception import InceptionV3
-from helpers import assert_same_state, assert_user_error, run_script, tiny_training_flags
+from helpers import assert_same_state, assert_user_error, run_script, tiny_repae_flags, tiny_training_flags
 from training import evaluator
 from weights.checkpoint import load_file
 
@@ -41,17 +39,14 @@ def quick_metrics(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory):
+def reference(tiny_data, tmp_path_factory, inception_weights):
     """(statistics file of the session's 32-px images by reference_stats.py, the random Inception weights file)."""
     folder = tmp_path_factory.mktemp("reference")
-    torch.manual_seed(0)
-    weights = folder / "inception.pth"
-    torch.save(InceptionV3().state_dict(), weights)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dinov2, "DINOV2_ENCODER", "dinov2-vit-s")
-        reference_stats.main([str(tiny_data), str(folder / "ref.npz"), "--inception-weights", str(weights),
+        reference_stats.main([str(tiny_data), str(folder / "ref.npz"), "--inception-weights", str(inception_weights),
                               "--dinov2-random-init", "--device", "cpu", "--num-workers", "0"])
-    return folder / "ref.npz", weights
+    return folder / "ref.npz", inception_weights
 
 
 def ldm_flags(ldm_run, out, name, reference, **overrides):
@@ -123,10 +118,9 @@ def test_two_processes_give_the_numbers_of_one_and_a_resume_evaluates_at_the_sam
 
 def test_repae_reports_the_vaes_reconstructions_as_eval_vae_does(tiny_data, reference, tmp_path):
     ref, weights = reference
-    run_script("train_repae.py", *tiny_training_flags(tiny_data, tmp_path, "repae", **{
+    run_script("train_repae.py", *tiny_repae_flags(tiny_data, tmp_path, "repae", **{
         "--max-train-steps": 2, "--checkpointing-steps": 2, "--eval-every": 2, "--eval-ref": ref,
-        "--inception-weights": weights, "--eval-metrics": "is", "--report-to": "tensorboard", **EVAL}),
-        "--lpips-random-init")
+        "--inception-weights": weights, "--eval-metrics": "is", "--report-to": "tensorboard", **EVAL}))
     (record,) = eval_lines(tmp_path / "repae")
     accumulator = EventAccumulator(str(next((tmp_path / "logs" / "repae").rglob("events.out.tfevents.*"))))
     accumulator.Reload()

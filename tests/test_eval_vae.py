@@ -53,16 +53,13 @@ def latent_channel_stats(vae, images):
 
 
 @pytest.mark.slow
-def test_eval_vae_command_against_independent_numbers(tmp_path, data_dir, images):
+def test_eval_vae_command_against_independent_numbers(tmp_path, data_dir, images, inception_weights):
     from torchmetrics.functional.image import structural_similarity_index_measure  # slow to import: only here
 
     vae = gray_vae()
     torch.save(vae.state_dict(), tmp_path / "gray.pt")
-    torch.manual_seed(0)
-    weights = tmp_path / "inception.pth"
-    torch.save(InceptionV3().state_dict(), weights)
     run_script("eval_vae.py", "--vae", ARCH, "--vae-ckpt", tmp_path / "gray.pt", "--data-dir", data_dir,
-               "--inception-weights", weights, "--lpips-random-init", "--batch-size", 3, "--num-workers", 0,
+               "--inception-weights", inception_weights, "--lpips-random-init", "--batch-size", 3, "--num-workers", 0,
                "--device", "cpu", "--json", tmp_path / "out.json", env={"OMP_NUM_THREADS": "2"})
     got = json.loads((tmp_path / "out.json").read_text())[str(tmp_path / "gray.pt")]
 
@@ -81,7 +78,7 @@ def test_eval_vae_command_against_independent_numbers(tmp_path, data_dir, images
         expected_lpips = lpips(preprocess_imgs_vae(gray), preprocess_imgs_vae(images)).mean().item()
     assert got["lpips"] == pytest.approx(expected_lpips, rel=1e-4)
     # rFID of constant reconstructions: |mean difference|^2 + trace of the originals' covariance
-    net = InceptionV3(weights)
+    net = InceptionV3(inception_weights)
     original_pool = net.activations(images.permute(0, 2, 3, 1))[0].astype(np.float64)
     gray_pool = net.activations(gray[:1].permute(0, 2, 3, 1))[0][0]
     expected_rfid = np.sum((gray_pool - original_pool.mean(0)) ** 2) + np.trace(np.cov(original_pool, rowvar=False))

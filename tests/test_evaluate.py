@@ -29,22 +29,9 @@ from helpers import ROOT, assert_user_error, run_script
 from utils.errors import report_user_errors
 
 
-def random_inception_weights(folder):
-    """A weights file of the Inception network with random (unit-scale) weights; returns its path."""
-    torch.manual_seed(0)
-    path = folder / "random-inception.pth"
-    torch.save(InceptionV3().state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    return random_inception_weights(tmp_path_factory.mktemp("inception"))
-
-
-@pytest.fixture(scope="module")
-def net(weights_file):
-    return InceptionV3(weights_file)
+def net(inception_weights):
+    return InceptionV3(inception_weights)
 
 
 def random_spd(rng, dim):
@@ -260,7 +247,7 @@ def test_inception_takes_uint8_nhwc_only(net):
         net.activations(random_images(1).transpose(0, 3, 1, 2))
 
 
-def test_inception_weights_lookup(tmp_path, monkeypatch, weights_file):
+def test_inception_weights_lookup(tmp_path, monkeypatch, inception_weights):
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(FileNotFoundError) as error:
@@ -270,10 +257,10 @@ def test_inception_weights_lookup(tmp_path, monkeypatch, weights_file):
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
     cached = tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILE
     cached.parent.mkdir(parents=True)
-    cached.symlink_to(weights_file)
+    cached.symlink_to(inception_weights)
     assert inception_weights_path() == cached
-    monkeypatch.setenv(INCEPTION_ENV, str(weights_file))
-    assert inception_weights_path() == weights_file
+    monkeypatch.setenv(INCEPTION_ENV, str(inception_weights))
+    assert inception_weights_path() == inception_weights
     assert inception_weights_path(str(cached)) == cached
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         inception_weights_path(str(tmp_path / "missing.pth"))
@@ -363,7 +350,7 @@ def test_evaluate_bad_file_ends_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_command(tmp_path, net, weights_file, monkeypatch, capsys):
+def test_evaluate_command(tmp_path, net, inception_weights, monkeypatch, capsys):
     # no DINOv2 weights on this machine: the default metrics are the ADM evaluator's five
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -376,7 +363,7 @@ def test_evaluate_command(tmp_path, net, weights_file, monkeypatch, capsys):
              sigma_s=np.zeros((2023, 2023)))
     np.savez(tmp_path / "samples.npz", arr_0=sample_images)
     returned = evaluate.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), "--inception-weights",
-                              str(weights_file), "--batch-size", "3", "--device", "cpu", "--json",
+                              str(inception_weights), "--batch-size", "3", "--device", "cpu", "--json",
                               str(tmp_path / "out.json")])
     printed, notes = capsys.readouterr()
     numbers = json.loads((tmp_path / "out.json").read_text())
@@ -394,7 +381,7 @@ def test_evaluate_command(tmp_path, net, weights_file, monkeypatch, capsys):
         assert numbers[key] == pytest.approx(value, rel=1e-3), key
     assert (numbers["precision"], numbers["recall"]) == precision_recall(ref_pool, pool)
     assert numbers["num_ref"] == 6 and numbers["num_samples"] == 7
-    assert numbers["inception_weights"] == str(weights_file)
+    assert numbers["inception_weights"] == str(inception_weights)
     printed = dict(line.split(": ") for line in printed.splitlines() if line.count(": ") == 1)
     assert [float(printed[name]) for name in ("Inception Score", "FID", "sFID", "Precision", "Recall")] == [
         numbers[key] for key in ("inception_score", "fid", "sfid", "precision", "recall")]
@@ -416,7 +403,7 @@ def cheap_distance(mu1, sigma1, mu2, sigma2):
 
 
 @pytest.mark.slow
-def test_evaluate_gives_the_numbers_a_training_loop_gets(tmp_path, weights_file, monkeypatch):
+def test_evaluate_gives_the_numbers_a_training_loop_gets(tmp_path, inception_weights, monkeypatch):
     monkeypatch.setattr(dinov2, "DINOV2_ENCODER", "dinov2-vit-s")  # a small ViT for the ViT-L/14
     monkeypatch.setattr(features_module, "frechet_distance", cheap_distance)
     np.savez(tmp_path / "ref.npz", arr_0=random_images(5, size=32, seed=5))
@@ -424,12 +411,12 @@ def test_evaluate_gives_the_numbers_a_training_loop_gets(tmp_path, weights_file,
     np.savez(tmp_path / "samples.npz", arr_0=samples)
     wanted = ["is", "sfid", "precision", "recall", "fd_dinov2"]
     results = evaluate.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), "--metrics", ",".join(wanted),
-                             "--inception-weights", str(weights_file), "--dinov2-random-init", "--batch-size", "3",
+                             "--inception-weights", str(inception_weights), "--dinov2-random-init", "--batch-size", "3",
                              "--device", "cpu"])
-    assert results["inception_weights"] == str(weights_file) and results["dinov2_weights"] == "random"
+    assert results["inception_weights"] == str(inception_weights) and results["dinov2_weights"] == "random"
 
     # a training loop: one extractor, its samples NCHW tensors seen as NHWC, under autocast and reduced precision
-    extractor = FeatureExtractor(wanted, "cpu", inception_weights=weights_file, dinov2_random_init=True)
+    extractor = FeatureExtractor(wanted, "cpu", inception_weights=inception_weights, dinov2_random_init=True)
     reference = ReferenceStatistics.load(tmp_path / "ref.npz").prepare(extractor, batch_size=3)
     nchw = torch.from_numpy(samples).permute(0, 3, 1, 2).contiguous()
     old_precision = torch.get_float32_matmul_precision()

@@ -5,7 +5,6 @@ import hashlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import evaluate
@@ -14,7 +13,6 @@ from dataset.image_files import center_crop_arr, read_rgb
 from evaluation import dinov2, features
 from evaluation.features import FeatureExtractor, choose_metrics, full_rank_warning
 from evaluation.flags import METRICS
-from evaluation.inception import InceptionV3
 from evaluation.metrics import fid_statistics
 from evaluation.reference import ReferenceStatistics, check_reference
 from helpers import make_dataset
@@ -36,41 +34,33 @@ def random_images(count, size=32, seed=0):
 
 
 @pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    """An Inception weights file with random (unit-scale) weights."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(InceptionV3().state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory, weights_file):
+def made(tmp_path_factory, inception_weights):
     """An ADM-style batch of six 32-px images and the statistics file reference_stats.py makes of it."""
     folder = tmp_path_factory.mktemp("reference")
     np.savez(folder / "adm.npz", arr_0=random_images(6, seed=1))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dinov2, "DINOV2_ENCODER", "dinov2-vit-s")
         written = reference_stats.main([str(folder / "adm.npz"), str(folder / "stats.npz"), "--inception-weights",
-                                        str(weights_file), "--dinov2-random-init", "--batch-size", "3",
+                                        str(inception_weights), "--dinov2-random-init", "--batch-size", "3",
                                         "--device", "cpu", "--num-workers", "0"])
     return {"adm": folder / "adm.npz", "stats": folder / "stats.npz", "written": written}
 
 
-def flags(weights_file, *extra):
+def flags(inception_weights, *extra):
     """evaluate.py / reference_stats.py flags of these tests: the random Inception file, a random small DINOv2."""
-    return ["--inception-weights", str(weights_file), "--dinov2-random-init", "--batch-size", "3", "--device", "cpu",
-            *map(str, extra)]
+    return ["--inception-weights", str(inception_weights), "--dinov2-random-init", "--batch-size", "3", "--device",
+            "cpu", *map(str, extra)]
 
 
 @pytest.mark.slow
-def test_stats_file_holds_the_adm_statistics_and_metadata(made, weights_file):
+def test_stats_file_holds_the_adm_statistics_and_metadata(made, inception_weights):
     assert made["written"] == made["stats"]
     with np.load(made["stats"]) as npz:
         stored = {key: npz[key] for key in npz.files}
     assert set(stored) == STATS_KEYS | METADATA_KEYS
     images = random_images(6, seed=1)
-    extractor = FeatureExtractor(["fid", "sfid", "fd_dinov2"], inception_weights=weights_file, dinov2_random_init=True)
+    extractor = FeatureExtractor(["fid", "sfid", "fd_dinov2"], inception_weights=inception_weights,
+                                 dinov2_random_init=True)
     parts = [extractor(images[:3]), extractor(images[3:])]  # the script's batches of 3
     for feature, (mu_key, sigma_key) in {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s"),
                                          "dinov2": ("mu_dinov2", "sigma_dinov2")}.items():
@@ -84,7 +74,7 @@ def test_stats_file_holds_the_adm_statistics_and_metadata(made, weights_file):
     assert stored["mu"].shape == (2048,) and stored["sigma_s"].shape == (2023, 2023)
     assert stored["source"].item() == str(made["adm"].resolve())
     assert stored["num_images"].item() == 6 and stored["resolution"].item() == 32
-    assert stored["inception_weights_sha256"].item() == hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    assert stored["inception_weights_sha256"].item() == hashlib.sha256(inception_weights.read_bytes()).hexdigest()
     assert stored["dinov2_weights_sha256"].item() == "random"
 
     reference = ReferenceStatistics.load(made["stats"])
@@ -100,11 +90,11 @@ def cheap_distance(mu1, sigma1, mu2, sigma2):
 
 
 @pytest.mark.slow
-def test_evaluate_with_the_stats_file_equals_evaluate_with_the_batch_it_was_made_from(made, weights_file, tmp_path,
+def test_evaluate_with_the_stats_file_equals_evaluate_with_the_batch_it_was_made_from(made, inception_weights, tmp_path,
                                                                                         monkeypatch):
     monkeypatch.setattr(features, "frechet_distance", cheap_distance)
     np.savez(tmp_path / "samples.npz", arr_0=random_images(4, seed=2))
-    argv = [str(tmp_path / "samples.npz"), "--metrics", "fid,sfid,fd_dinov2", *flags(weights_file)]
+    argv = [str(tmp_path / "samples.npz"), "--metrics", "fid,sfid,fd_dinov2", *flags(inception_weights)]
     from_stats = evaluate.main([str(made["stats"]), *argv])
     from_batch = evaluate.main([str(made["adm"]), *argv])
     for key in ("fid", "sfid", "fd_dinov2"):
@@ -124,7 +114,7 @@ def test_stats_file_without_images_leaves_out_precision_and_recall(made):
 
 
 @pytest.mark.slow
-def test_evaluate_refuses_a_reference_of_other_weights_or_resolution(made, weights_file, tmp_path):
+def test_evaluate_refuses_a_reference_of_other_weights_or_resolution(made, inception_weights, tmp_path):
     np.savez(tmp_path / "samples.npz", arr_0=random_images(4, seed=2))
     np.savez(tmp_path / "samples24.npz", arr_0=random_images(4, size=24, seed=2))
     with pytest.raises(UserError, match="was made with inception weights of sha256 .* but random weights "
@@ -134,13 +124,13 @@ def test_evaluate_refuses_a_reference_of_other_weights_or_resolution(made, weigh
     with pytest.raises(UserError, match="stats.npz is a reference of 32-px images, not 24-px: make one of 24-px "
                                         r"images \(reference_stats.py --resolution 24\)"):
         evaluate.main([str(made["stats"]), str(tmp_path / "samples24.npz"), "--metrics", "fd_dinov2",
-                       *flags(weights_file)])
+                       *flags(inception_weights)])
 
 
 @pytest.mark.slow
-def test_check_reference_as_a_trainer_calls_it(made, weights_file):
+def test_check_reference_as_a_trainer_calls_it(made, inception_weights):
     stats, batch = ReferenceStatistics.load(made["stats"]), ReferenceStatistics.load(made["adm"])
-    same = FeatureExtractor(["fid", "fd_dinov2"], inception_weights=weights_file, dinov2_random_init=True)
+    same = FeatureExtractor(["fid", "fd_dinov2"], inception_weights=inception_weights, dinov2_random_init=True)
     check_reference(stats, 32, same)  # the weights it was made with
     with pytest.raises(UserError, match="a reference of 32-px images, not 64-px"):
         check_reference(stats, 64, same)

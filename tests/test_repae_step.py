@@ -11,7 +11,7 @@ from accelerate.state import AcceleratorState
 import train_ldm_only
 import train_repae
 from dataset.h5 import ImageDataset
-from helpers import ROOT, assert_same_state, first_state, make_dataset, tiny_sit, tiny_training_flags
+from helpers import ROOT, assert_same_state, first_state, make_dataset, tiny_repae_flags, tiny_sit
 from training.ema import make_ema
 from training.guard import NonFiniteGuard
 from training.nets import FrozenEncoders, SiTNets
@@ -34,8 +34,7 @@ def data_dir(tmp_path_factory):
 def build_in_process(data_dir, out, mixed_precision="no", scaler=None):
     """The trainer's own networks built in this process: (accelerator, nets, one batch of images and labels)."""
     AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
-    args = train_repae.parse_args(tiny_training_flags(data_dir, out, "x", **{"--mixed-precision": mixed_precision})
-                                  + ["--lpips-random-init"])
+    args = train_repae.parse_args(tiny_repae_flags(data_dir, out, "x", **{"--mixed-precision": mixed_precision}))
     accelerator = make_accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=1,
                                    report_to="none", logging_dir=out)
     if scaler is not None:

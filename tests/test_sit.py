@@ -47,7 +47,7 @@ def test_state_dict_layout_matches_published(fname):
 
 
 def test_registry_has_all_sizes_and_patches():
-    assert sorted(SiT_models) == sorted(f"SiT-{s}/{p}" for s in ("T", "S", "B", "L", "XL") for p in (1, 2, 4, 8))
+    assert sorted(SiT_models) == sorted(f"SiT-{s}/{p}" for s in ("P", "T", "S", "B", "L", "XL") for p in (1, 2, 4, 8))
     widths = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
     for size, (hidden, depth, heads) in widths.items():
         with torch.device("meta"):

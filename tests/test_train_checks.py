@@ -5,7 +5,7 @@ import pytest
 
 import train_ldm_only
 import train_repae
-from helpers import assert_user_error, run_script, tiny_training_flags
+from helpers import assert_user_error, run_script, tiny_repae_flags, tiny_training_flags
 
 pytestmark = pytest.mark.slow  # each start reads the session's tiny dataset, which preprocessing.py makes first
 
@@ -18,9 +18,8 @@ def data_dir(tiny_data):
 
 def refused(script, data_dir, out, *extra, **overrides):
     """Start a trainer that must refuse; returns the CompletedProcess after checking nothing was written."""
-    args = tiny_training_flags(data_dir, out, "refused", **overrides) + list(extra)
-    if script == "train_repae.py":
-        args.append("--lpips-random-init")
+    flags = tiny_repae_flags if script == "train_repae.py" else tiny_training_flags
+    args = flags(data_dir, out, "refused", **overrides) + list(extra)
     result = run_script(script, *args, check=False)
     assert not (out / "refused").exists(), "a refused start must leave no experiment folder"
     return result

@@ -38,7 +38,7 @@ def test_ldm_only_trains_with_fixed_normalizer(cached, straight):
     for state in (ckpt["model"], ckpt["ema"]):
         torch.testing.assert_close(state["bn.running_var"], stats["latents_scale"].flatten() ** -2)
         torch.testing.assert_close(state["bn.running_mean"], stats["latents_bias"].flatten())
-    SiT_models["SiT-T/2"](input_size=4, in_channels=4, num_classes=2, z_dims=[384],
+    SiT_models["SiT-P/2"](input_size=4, in_channels=4, num_classes=2, z_dims=[384],
                           encoder_depth=2).load_state_dict(ckpt["ema"], strict=True)
     assert sorted(p.name for p in (straight / "samples").iterdir()) == ["0000001.png", "0000003.png", "0000006.png"]
 

@@ -24,6 +24,7 @@ from helpers import (
     first_state,
     run_script,
     save_vae_file,
+    tiny_repae_flags,
     tiny_training_flags,
 )
 from loss.discriminator import NLayerDiscriminator
@@ -33,7 +34,6 @@ from weights.checkpoint import load_file
 
 pytestmark = pytest.mark.slow
 
-LPIPS = ["--lpips-random-init"]
 STATS = {"latents_scale": torch.full((1, 4, 1, 1), 2.0), "latents_bias": torch.full((1, 4, 1, 1), 0.1)}
 
 
@@ -52,7 +52,7 @@ def copy_experiment_until(exp, copy, step):
 
 def train(data_dir, out, name, *extra, nproc=1, check=True, env=None, **overrides):
     """Run train_repae.py with the tiny flags; returns the CompletedProcess."""
-    args = tiny_training_flags(data_dir, out, name, **overrides) + LPIPS + list(extra)
+    args = tiny_repae_flags(data_dir, out, name, **overrides) + list(extra)
     return run_script("train_repae.py", *args, nproc=nproc, check=check, env=env)
 
 
@@ -89,20 +89,20 @@ def test_short_run_writes_published_layout(base):
     out, console = base
     exp = out / "base"
     args = json.loads((exp / "args.json").read_text())
-    assert args["model"] == "SiT-T/2" and args["vae_align_proj_coeff"] == 1.5 and args["enc_type"] == "dinov2-vit-s"
+    assert args["model"] == "SiT-P/2" and args["vae_align_proj_coeff"] == 1.5 and args["enc_type"] == "dinov2-vit-s"
     assert "0000006.pt at step 6; losses logged at step 6: sit_loss=" in (exp / "log.txt").read_text()
     assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["0000003.pt", "0000006.pt"]
     assert sorted(p.name for p in (exp / "samples").iterdir()) == ["0000001.png", "0000003.png", "0000006.png"]
 
     ckpt = load_file(exp / "checkpoints" / "0000006.pt")
     assert {"model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "args", "steps"} <= ckpt.keys()
-    assert ckpt["steps"] == 6 and ckpt["args"].model == "SiT-T/2"
-    sit = SiT_models["SiT-T/2"](input_size=4, in_channels=4, num_classes=2, z_dims=[384], encoder_depth=2)
+    assert ckpt["steps"] == 6 and ckpt["args"].model == "SiT-P/2"
+    sit = SiT_models["SiT-P/2"](input_size=4, in_channels=4, num_classes=2, z_dims=[384], encoder_depth=2)
     assert torch.equal(ckpt["model"]["pos_embed"], sit.pos_embed)  # the sin-cos embedding stays fixed
     sit.load_state_dict(ckpt["ema"], strict=True)
     sit.load_state_dict(ckpt["model"], strict=True)
     vae_models["f8d4-tiny"]().load_state_dict(ckpt["vae"], strict=True)
-    NLayerDiscriminator().load_state_dict(ckpt["discriminator"], strict=True)
+    NLayerDiscriminator(ndf=8).load_state_dict(ckpt["discriminator"], strict=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     # Every optimizer took 6 steps; the EMA has moved, but less than the model.
     assert all(first_state(ckpt[key])["step"] == 6 for key in ("opt", "opt_vae", "opt_disc"))
@@ -283,7 +283,7 @@ def test_resume_latest_skips_an_unreadable_checkpoint_and_cleans_interrupted_wri
 def test_runs_from_any_working_folder(data_dir, tmp_path):
     # The default --loss-cfg-path is relative to the repository, not to the working folder.
     run_script("train_repae.py", *tiny_training_flags(data_dir, tmp_path, "elsewhere", **{"--max-train-steps": 1}),
-               *LPIPS, cwd=tmp_path)
+               "--lpips-random-init", cwd=tmp_path)
     assert (tmp_path / "elsewhere" / "checkpoints" / "0000001.pt").is_file()
 
 
@@ -301,8 +301,8 @@ def test_a_run_ended_by_its_epochs_checkpoints_its_last_step_and_resumes_keep_th
 
 
 def test_sigint_ends_the_run_at_a_step_with_its_checkpoint(data_dir, tmp_path):
-    args = tiny_training_flags(data_dir, tmp_path, "stopped", **{"--max-train-steps": 10000,
-                                                                 "--checkpointing-steps": 10000}) + LPIPS
+    args = tiny_repae_flags(data_dir, tmp_path, "stopped", **{"--max-train-steps": 10000,
+                                                              "--checkpointing-steps": 10000})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, str(ROOT / "train_repae.py"), *args], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -54,7 +54,7 @@ def training_parser(description, *, trainer, model_default, vae_default, vae_ckp
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", type=str, default=model_default,
-                       help="SiT-{S,B,L,XL}/{1,2,4,8}; SiT-T/* is a smoke-run size")
+                       help="SiT-{S,B,L,XL}/{1,2,4,8}; SiT-T/* and SiT-P/* are smoke-run sizes")
     model.add_argument("--num-classes", type=positive_int, default=1000,
                        help="class labels (the null label is this number)")
     model.add_argument("--cfg-prob", type=unit_float, default=0.1, help="probability of dropping a label (for CFG)")
