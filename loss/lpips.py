@@ -1,10 +1,13 @@
 """LPIPS-VGG perceptual distance from the `lpips` package, built without network access."""
+import types
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import lpips
 import torch
 import torch.nn as nn
+from torchvision.models import vgg
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, the LPIPS trunk
 SCALINGS = ("published", "corrected")
@@ -25,8 +28,19 @@ def build_lpips(pretrained_trunk=True) -> lpips.LPIPS:
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's deprecation notice for `pretrained=`
-        net = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=not pretrained_trunk, verbose=False)
+        if pretrained_trunk:
+            net = lpips.LPIPS(pretrained=True, net="vgg", verbose=False)
+        else:  # LPIPS keeps only the VGG's features: a random trunk need not draw the classifier's 124M weights
+            with mock.patch.object(lpips.pretrained_networks, "tv", types.SimpleNamespace(vgg16=random_vgg16)):
+                net = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=True, verbose=False)
     return net.eval().requires_grad_(False)
+
+
+def random_vgg16(pretrained=False):
+    """torchvision's randomly initialised VGG16 with its classifier on the meta device (never allocated)."""
+    features = vgg.make_layers(vgg.cfgs["D"])
+    with torch.device("meta"):
+        return vgg.VGG(features)  # initialises the features' convolutions as torchvision does
 
 
 class PerceptualLoss(nn.Module):

@@ -80,6 +80,24 @@ def inception_weights(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def reference(tiny_data, tmp_path_factory, inception_weights):
+    """(statistics file of tiny_data's images by reference_stats.py with a random ViT-S for DINOv2, the random
+    Inception weights file it used), made once per session."""
+
+    def build(folder):
+        import reference_stats
+        from evaluation import dinov2
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(dinov2, "DINOV2_ENCODER", "dinov2-vit-s")
+            reference_stats.main([str(tiny_data), str(folder / "ref.npz"), "--inception-weights",
+                                  str(inception_weights), "--dinov2-random-init", "--device", "cpu", "--num-workers",
+                                  "0"])
+
+    return shared_folder(tmp_path_factory, "reference", build) / "ref.npz", inception_weights
+
+
+@pytest.fixture(scope="session")
 def repae_run(tmp_path_factory, tiny_data):
     """A finished 6-step train_repae.py run on tiny_data: checkpoints at 3 and 6, sample grids at 1, 3 and 6;
     returns its experiment folder (its console output in console.txt)."""

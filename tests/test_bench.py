@@ -9,7 +9,7 @@ import pytest
 
 from helpers import run_script
 
-TINY = ("--resolution", 32, "--model", "SiT-T/2", "--vae", "f8d4-tiny", "--enc-type", "dinov2-vit-s",
+TINY = ("--resolution", 32, "--model", "SiT-P/2", "--vae", "f8d4-tiny", "--enc-type", "dinov2-vit-s",
         "--encoder-depth", 2)
 # the REPA-E step's own profiler ranges and the loop's EMA update
 PARTS = ("repae/encoder_features", "repae/vae_forward", "repae/vae_update", "repae/discriminator_update",
@@ -26,7 +26,8 @@ COMMANDS = {
              "--rows", "repae", "--warmup", 0, "--repeats", 1),
     "profile": ("bench/bench_step.py", *TINY, "--batch-size", 2, "--profile"),
     "memory": ("bench/bench_memory.py", *TINY, "--batch-sizes", "1,2", "--switches", "on", "--budget-gib", 4),
-    "eval": ("bench/bench_eval.py", "--num-samples", 4, "--batch-size", 2, "--num-steps", 2, "--metrics", "is"),
+    "eval": ("bench/bench_eval.py", "--model", "SiT-P/2", "--num-samples", 4, "--batch-size", 2, "--num-steps", 2,
+             "--metrics", "is"),
 }
 
 

@@ -1,6 +1,10 @@
 """The demo pipeline end to end (quick setting): every stage's outputs exist and are well formed."""
 import json
+import os
 import re
+import sys
+import types
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -8,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dataset.h5 import ImageDataset
-from helpers import run_script
+from helpers import run_main, run_script, use_cheap_frechet
 from weights.checkpoint import load_file
 
 
@@ -27,8 +31,23 @@ def test_nearest_neighbour_check_counts_classes_by_their_majority():
     assert recognised == {c: c != 0 for c in range(8)}
 
 
+def stage_in_this_process(command, cwd, env):
+    """demo.run's subprocess.run for a single-process stage: the script's main(argv) called in this process, with
+    the stage's environment and working folder (the quick pass starts no torchrun)."""
+    python, script, *args = command
+    assert python == sys.executable and script.endswith(".py"), command
+    result = run_main(Path(script).name, args, env=env or dict(os.environ), cwd=cwd)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    return result
+
+
 @pytest.mark.slow
-def test_demo_quick_pipeline(tmp_path):
+def test_demo_quick_pipeline(tmp_path, monkeypatch):
+    import demo
+
+    monkeypatch.setattr(demo, "subprocess", types.SimpleNamespace(run=stage_in_this_process))
+    use_cheap_frechet(monkeypatch)
     out = tmp_path / "demo"
     result = run_script("demo.py", "--quick", "--out", out, timeout=900)
     summary = json.loads((out / "summary.json").read_text())

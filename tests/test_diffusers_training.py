@@ -43,6 +43,8 @@ F4C8 = dict(latent_channels=8, block_out_channels=[16, 32, 32],
             up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"], scaling_factor=0.5,
             latents_mean=[0.1 * i for i in range(8)], latents_std=[1.0 + 0.1 * i for i in range(8)])
 LAYOUTS = {"flux-like": FLUX_LIKE, "sdxl-like": SDXL_LIKE, "f4c8": F4C8}
+# the fast tier checks one layout (f4c8: attention in the encoder, latents_mean/std in the config); the slow tier all
+LAYOUT_PARAMS = [name if name == "f4c8" else pytest.param(name, marks=pytest.mark.slow) for name in LAYOUTS]
 # SiT patch size per downsampling factor, so that 32-px images give the 2x2 tokens of a 32-px DINOv2
 SIT_FOR_FACTOR = {8: "SiT-P/2", 4: "SiT-P/4"}
 
@@ -75,7 +77,7 @@ def assert_same_outputs(ours, reference):
         assert torch.equal(ours.decode(posterior.mean), reference.decode(posterior.mean).sample)
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", LAYOUT_PARAMS)
 def test_wrapper_follows_the_autoencoder_contract(folders, name):
     config = LAYOUTS[name]
     vae, stats = load_vae("diffusers", folders[name])
@@ -163,7 +165,7 @@ def tiny_repae_checkpoint(vae):
     return training_checkpoint(sit, vae, steps=1, discriminator={}, **vae_checkpoint_entries("diffusers", vae))
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", LAYOUT_PARAMS)
 def test_export_loads_in_diffusers_and_matches_the_trained_weights(folders, name, tmp_path):
     vae = load_vae("diffusers", folders[name])[0]
     with torch.no_grad():  # "trained" weights: unlike the folder's

@@ -1,9 +1,8 @@
 """Evaluation during training: the numbers of generate.py + evaluate.py on the same checkpoint, the same on one and
 two processes, resumed runs that append to eval.jsonl at the same steps, and bad input refused before training.
 
-Frechet distances of a few samples fall back to the ADM evaluator's singular-covariance path, whose 2048x2048 matrix
-square roots take half a minute each on this CPU: in-process tests replace them by a cheap function of every mean
-and covariance value, which still tells apart any two sets of features.
+In-process tests replace the Frechet distance by a cheap function of every mean and covariance value
+(helpers.cheap_frechet), which still tells apart any two sets of features.
 """
 import json
 import shutil
@@ -14,10 +13,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import evaluate
 import generate
-import reference_stats
-from evaluation import dinov2, features, metrics
-from helpers import assert_same_state, assert_user_error, run_script, tiny_repae_flags, tiny_training_flags
-from training import evaluator
+from evaluation import dinov2
+from helpers import (
+    assert_same_state,
+    assert_user_error,
+    run_script,
+    tiny_repae_flags,
+    tiny_training_flags,
+    use_cheap_frechet,
+)
 from weights.checkpoint import load_file
 
 pytestmark = pytest.mark.slow
@@ -25,28 +29,11 @@ pytestmark = pytest.mark.slow
 EVAL = {"--eval-num-samples": 6, "--eval-batch-size": 4, "--eval-steps": 2, "--eval-cfg-scale": 1.0}
 
 
-def cheap_frechet(mu1, sigma1, mu2, sigma2):
-    """A stand-in for the Frechet distance that depends on every value of both statistics."""
-    return float(np.abs(mu1 - mu2).sum() + np.abs(sigma1 - sigma2).sum())
-
-
 @pytest.fixture(autouse=True)
 def quick_metrics(monkeypatch):
     """Cheap Frechet distances and a ViT-S instead of the ViT-L for FD-DINOv2, in this process."""
-    for module in (metrics, features, evaluator):  # where it is defined, and where it was imported from there
-        monkeypatch.setattr(module, "frechet_distance", cheap_frechet)
+    use_cheap_frechet(monkeypatch)
     monkeypatch.setattr(dinov2, "DINOV2_ENCODER", "dinov2-vit-s")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory, inception_weights):
-    """(statistics file of the session's 32-px images by reference_stats.py, the random Inception weights file)."""
-    folder = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dinov2, "DINOV2_ENCODER", "dinov2-vit-s")
-        reference_stats.main([str(tiny_data), str(folder / "ref.npz"), "--inception-weights", str(inception_weights),
-                              "--dinov2-random-init", "--device", "cpu", "--num-workers", "0"])
-    return folder / "ref.npz", inception_weights
 
 
 def ldm_flags(ldm_run, out, name, reference, **overrides):

@@ -12,7 +12,6 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 
 import evaluate
 from evaluation import dinov2, metrics
-from evaluation import features as features_module
 from evaluation.features import FeatureExtractor, compute_metrics
 from evaluation.inception import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, InceptionV3, inception_weights_path
 from evaluation.metrics import (
@@ -25,7 +24,7 @@ from evaluation.metrics import (
 )
 from evaluation.npz import NpzImages
 from evaluation.reference import ReferenceStatistics
-from helpers import ROOT, assert_user_error, run_script
+from helpers import ROOT, assert_user_error, run_script, use_cheap_frechet
 from utils.errors import report_user_errors
 
 
@@ -396,16 +395,10 @@ def test_metrics_flag_takes_a_comma_list_of_known_names(capsys):
     assert "give a comma list of is, fid, sfid, precision, recall, fd_dinov2" in capsys.readouterr().err
 
 
-def cheap_distance(mu1, sigma1, mu2, sigma2):
-    """A stand-in for the Frechet distance that depends on every value of both statistics, without the slow matrix
-    square roots of singular covariances (a few samples of many features)."""
-    return float(np.sum((mu1 - mu2) ** 2) + np.sum(np.abs(sigma1 - sigma2)))
-
-
 @pytest.mark.slow
 def test_evaluate_gives_the_numbers_a_training_loop_gets(tmp_path, inception_weights, monkeypatch):
     monkeypatch.setattr(dinov2, "DINOV2_ENCODER", "dinov2-vit-s")  # a small ViT for the ViT-L/14
-    monkeypatch.setattr(features_module, "frechet_distance", cheap_distance)
+    use_cheap_frechet(monkeypatch)
     np.savez(tmp_path / "ref.npz", arr_0=random_images(5, size=32, seed=5))
     samples = random_images(4, size=32, seed=6)
     np.savez(tmp_path / "samples.npz", arr_0=samples)

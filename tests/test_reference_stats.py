@@ -10,12 +10,12 @@ from PIL import Image
 import evaluate
 import reference_stats
 from dataset.image_files import center_crop_arr, read_rgb
-from evaluation import dinov2, features
+from evaluation import dinov2
 from evaluation.features import FeatureExtractor, choose_metrics, full_rank_warning
 from evaluation.flags import METRICS
 from evaluation.metrics import fid_statistics
 from evaluation.reference import ReferenceStatistics, check_reference
-from helpers import make_dataset
+from helpers import make_dataset, use_cheap_frechet
 from utils.errors import UserError
 
 STATS_KEYS = {"mu", "sigma", "mu_s", "sigma_s", "mu_dinov2", "sigma_dinov2"}
@@ -83,16 +83,10 @@ def test_stats_file_holds_the_adm_statistics_and_metadata(made, inception_weight
     assert reference.source == str(made["adm"].resolve()) and set(reference.statistics) == {"pool", "spatial", "dinov2"}
 
 
-def cheap_distance(mu1, sigma1, mu2, sigma2):
-    """A stand-in for the Frechet distance that depends on every value of both statistics, without the minute-long
-    2048x2048 matrix square roots."""
-    return float(np.sum((mu1 - mu2) ** 2) + np.sum(np.abs(sigma1 - sigma2)))
-
-
 @pytest.mark.slow
 def test_evaluate_with_the_stats_file_equals_evaluate_with_the_batch_it_was_made_from(made, inception_weights, tmp_path,
                                                                                         monkeypatch):
-    monkeypatch.setattr(features, "frechet_distance", cheap_distance)
+    use_cheap_frechet(monkeypatch)
     np.savez(tmp_path / "samples.npz", arr_0=random_images(4, seed=2))
     argv = [str(tmp_path / "samples.npz"), "--metrics", "fid,sfid,fd_dinov2", *flags(inception_weights)]
     from_stats = evaluate.main([str(made["stats"]), *argv])

@@ -1,6 +1,5 @@
 """The non-finite guard, the EMA, the global batch-norm and unwrapping prepared modules (checkpoint I/O:
 test_checkpoint.py)."""
-import os
 import socket
 
 import pytest
@@ -8,8 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distributed_worker import global_batchnorm_worker
 from helpers import tiny_sit
-from training.distributed import GlobalBatchNorm2d, convert_global_batchnorm
 from training.ema import update_ema
 from training.guard import NonFiniteGuard
 
@@ -55,18 +54,6 @@ def test_ema_averages_parameters_and_float_buffers():
     assert ema.bn.num_batches_tracked == 7
 
 
-def _global_bn_worker(rank, world, port, x, result):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    bn = convert_global_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3, affine=False, momentum=0.1)))[0]
-    assert isinstance(bn, GlobalBatchNorm2d)
-    local = x.chunk(world)[rank].clone().requires_grad_(True)
-    out = bn(local)
-    (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
-    result[rank] = (out.detach(), local.grad, bn.running_mean.clone(), bn.running_var.clone())
-    dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_global_batchnorm_matches_batchnorm_on_the_whole_batch():
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64).float()
@@ -75,7 +62,7 @@ def test_global_batchnorm_matches_batchnorm_on_the_whole_batch():
         port = s.getsockname()[1]
     manager = mp.Manager()
     result = manager.dict()
-    mp.spawn(_global_bn_worker, args=(2, port, x, result), nprocs=2)
+    mp.spawn(global_batchnorm_worker, args=(2, port, x, result), nprocs=2)
 
     reference = torch.nn.BatchNorm2d(3, affine=False, momentum=0.1)
     whole = x.clone().requires_grad_(True)
