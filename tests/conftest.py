@@ -1,10 +1,10 @@
 """Shared test fixtures: parity fixture paths, single-threaded torch, offline hubs, and the tiny pipeline many tests
 read (preprocessing -> train_repae -> save_vae_weights -> cache_latents -> train_ldm_only), built once per session."""
-import os
 import shutil
 
 import pytest
-from filelock import FileLock
+
+from shared import shared_folder
 
 # torch and the project load in the test processes, not here: pytest-xdist's controller imports this file too.
 
@@ -38,22 +38,6 @@ def preprocess_fix():
     from helpers import load_fixture
 
     return load_fixture("preprocess.pt")
-
-
-def shared_folder(tmp_path_factory, name, build):
-    """A folder made once per test session by build(folder), even when test files run in several pytest-xdist
-    workers (the first to ask builds it under a lock; the others wait and read it)."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's folder, above each worker's own
-    folder = root / name
-    with FileLock(str(folder) + ".lock"):
-        if not (folder / ".built").is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            build(folder)
-            (folder / ".built").touch()
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from huggingface_hub import constants
 import generate
 import save_vae_weights
 from helpers import (
+    FIXTURES,
     assert_same_state,
     file_mode,
     make_dataset,
@@ -56,7 +57,7 @@ def write_folder(folder, config, seed=0):
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def folders(tmp_path_factory):
     """{layout name: diffusers folder}."""
     root = tmp_path_factory.mktemp("diffusers_vaes")
@@ -203,7 +204,7 @@ def test_generate_needs_the_config_of_a_diffusers_checkpoint(folders):
 
 # End-to-end runs of the scripts.
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A 16-image, 2-class dataset at 32 px: 4 batches of 4 per epoch."""
     return make_dataset(tmp_path_factory.mktemp("diffusers_data"))
@@ -216,10 +217,10 @@ def train(script, data_dir, out, name, folder, *extra, **overrides):
     return run_script(script, *tiny_training_flags(data_dir, out, name, **flags), *extra)
 
 
-REPAE = ("--lpips-random-init", "--loss-cfg-path", "configs/l1_lpips_kl_gan_scratch_disc.yaml")
+REPAE = ("--lpips-random-init", "--loss-cfg-path", FIXTURES / "tiny_vae_loss_scratch_disc.yaml")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def flux_run(data_dir, folders, tmp_path_factory):
     """4 REPA-E steps on the FLUX-like VAE, checkpoints at 2 and 4, discriminator from scratch; the out dir."""
     out = tmp_path_factory.mktemp("flux_run")

@@ -51,7 +51,7 @@ def assert_diffusers_matches(vae, reference, size):
         torch.testing.assert_close(reference.decode(ours.mean).sample, vae.decode(ours.mean), rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module", params=[pytest.param(arch, marks=pytest.mark.slow) for arch in ARCHS])
+@pytest.fixture(scope="session", params=[pytest.param(arch, marks=pytest.mark.slow) for arch in ARCHS])
 def exported(request, tmp_path_factory):
     """(arch, full-size filled float32 model, stats, folder) exported once per module and arch."""
     arch = request.param

@@ -47,7 +47,7 @@ def write_experiment(exp_dir, checkpoint, config):
     return exp_dir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def setup(tmp_path_factory):
     """A REPA-E experiment (VAE inside) and a latent-diffusion-only one (VAE file named in args.json)."""
     root = tmp_path_factory.mktemp("generate")

@@ -33,7 +33,7 @@ def random_images(count, size=32, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def made(tmp_path_factory, inception_weights):
     """An ADM-style batch of six 32-px images and the statistics file reference_stats.py makes of it."""
     folder = tmp_path_factory.mktemp("reference")
@@ -204,7 +204,8 @@ def test_overwrite_replaces_the_file(tmp_path):
 def test_loader_reads_adm_batches_and_refuses_broken_files(tmp_path):
     images = random_images(5, size=16)
     mu, sigma = np.zeros(2048, np.float32), np.eye(2048)
-    np.savez(tmp_path / "adm.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    np.savez_compressed(tmp_path / "adm.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=np.zeros(2023),
+                        sigma_s=np.eye(2023))  # compressed: the identities take kilobytes
     reference = ReferenceStatistics.load(tmp_path / "adm.npz")
     assert reference.resolution == 16 and reference.num_images == 5 and reference.weights_sha256 == {}
     np.testing.assert_array_equal(reference.statistics["pool"][1], sigma)  # used as they are
@@ -215,7 +216,7 @@ def test_loader_reads_adm_batches_and_refuses_broken_files(tmp_path):
         ({"mu": mu, "sigma": sigma, "mu_s": np.zeros(7), "sigma_s": np.eye(7)}, "mu_s is (7,) and sigma_s (7, 7)"),
         ({"labels": np.zeros(3)}, "holds neither images (arr_0) nor statistics"),
     ]:
-        np.savez(tmp_path / "bad.npz", **arrays)
+        np.savez_compressed(tmp_path / "bad.npz", **arrays)
         with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             ReferenceStatistics.load(tmp_path / "bad.npz")
     only_dinov2 = tmp_path / "dinov2.npz"

@@ -30,6 +30,7 @@ from helpers import (
 from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
 from models.sit import SiT_models
+from shared import shared_folder
 from weights.checkpoint import load_file
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.slow
 STATS = {"latents_scale": torch.full((1, 4, 1, 1), 2.0), "latents_bias": torch.full((1, 4, 1, 1), 0.1)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tiny_data):
     """The session's 16-image, 2-class dataset at 32 px: 4 batches of 4 per epoch."""
     return tiny_data
@@ -56,33 +57,39 @@ def train(data_dir, out, name, *extra, nproc=1, check=True, env=None, **override
     return run_script("train_repae.py", *args, nproc=nproc, check=check, env=env)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base(repae_run):
     """The session's finished 6-step run, which tests only read (or leave as it was): (out dir, console output)."""
     return repae_run.parent, (repae_run / "console.txt").read_text()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def deterministic_vae(tmp_path_factory):
     """A tiny VAE whose posterior std is exp(-15): its latents are (almost) a function of the image."""
-    torch.manual_seed(0)
-    vae = vae_models["f8d4-tiny"]()
-    with torch.no_grad():
-        logvar = slice(4, 8)  # moments are mean channels then log-variance channels
-        vae.quant_conv.weight[logvar] = 0.0
-        vae.quant_conv.bias[logvar] = -40.0  # clamped to -30: no gradient reaches it
-    return save_vae_file(tmp_path_factory.mktemp("vae") / "det.pt", vae, STATS)
+
+    def build(folder):
+        torch.manual_seed(0)
+        vae = vae_models["f8d4-tiny"]()
+        with torch.no_grad():
+            logvar = slice(4, 8)  # moments are mean channels then log-variance channels
+            vae.quant_conv.weight[logvar] = 0.0
+            vae.quant_conv.bias[logvar] = -40.0  # clamped to -30: no gradient reaches it
+        save_vae_file(folder / "det.pt", vae, STATS)
+
+    return shared_folder(tmp_path_factory, "deterministic_vae", build) / "det.pt"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ddp(data_dir, deterministic_vae, tmp_path_factory):
-    """4 steps on 2 gloo processes with a checkpoint every step; returns the out dir. Started by torchrun without
-    accelerate's settings: on a machine without CUDA it still runs as its 2 processes."""
-    out = tmp_path_factory.mktemp("ddp")
-    train(data_dir, out, "straight", nproc=2, env={"ACCELERATE_USE_CPU": None},
-          **{"--vae-ckpt": deterministic_vae, "--max-train-steps": 4, "--checkpointing-steps": 1,
-             "--sampling-steps": 2})
-    return out
+    """4 steps on 2 gloo processes with a checkpoint every step, made once per session; returns the out dir.
+    Started by torchrun without accelerate's settings: on a machine without CUDA it still runs as its 2 processes."""
+
+    def build(out):
+        train(data_dir, out, "straight", nproc=2, env={"ACCELERATE_USE_CPU": None},
+              **{"--vae-ckpt": deterministic_vae, "--max-train-steps": 4, "--checkpointing-steps": 1,
+                 "--sampling-steps": 2})
+
+    return shared_folder(tmp_path_factory, "ddp", build)
 
 
 def test_short_run_writes_published_layout(base):

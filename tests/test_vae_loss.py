@@ -192,3 +192,15 @@ def test_scratch_disc_config_differs_from_the_published_only_in_the_start():
     assert scratch["losses"].pop("discriminator_warmup") is True and scratch["losses"].pop("discriminator_start") > 0
     published.pop("discriminator_start")
     assert scratch["losses"] == published
+
+
+@pytest.mark.parametrize("test_config, config", [
+    ("tiny_vae_loss.yaml", "l1_lpips_kl_gan.yaml"),
+    ("tiny_vae_loss_scratch_disc.yaml", "l1_lpips_kl_gan_scratch_disc.yaml")])
+def test_the_test_runs_configs_differ_from_theirs_only_in_the_discriminator_width(test_config, config):
+    tiny = OmegaConf.to_container(OmegaConf.load(FIXTURES / test_config))
+    assert tiny["losses"].pop("discriminator_channels") == 8
+    assert tiny == OmegaConf.to_container(OmegaConf.load(CONFIG_PATH.with_name(config)))
+    loss_fn = ReconstructionLoss_Single_Stage(OmegaConf.load(FIXTURES / test_config), pretrained_lpips=False)
+    assert loss_fn.discriminator.main[0].out_channels == 8
+
