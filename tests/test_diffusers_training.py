@@ -286,7 +286,7 @@ def test_export_cache_ldm_and_sampling(flux_run, data_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sdxl-like", "f4c8"])
 def test_other_layouts_train_and_export(data_dir, folders, name, tmp_path):
-    train("train_repae.py", data_dir, tmp_path, name, folders[name], "--lpips-random-init",
+    train("train_repae.py", data_dir, tmp_path, name, folders[name], *REPAE,
           **{"--max-train-steps": 2, "--checkpointing-steps": 2, "--sampling-steps": 2})
     ckpt = tmp_path / name / "checkpoints" / "0000002.pt"
     outputs = save_vae_weights.main(["--repae-ckpt", str(ckpt), "--save-dir", str(tmp_path / "pretrained")])
