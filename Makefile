@@ -12,13 +12,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 .PHONY: setup test test-fast demo bench
 setup: $(VENV)/.installed
 
-# Test files run in parallel, one file per worker (module fixtures are built once); the 15 slowest tests are listed.
+# Tests run in parallel, one worker per core, an idle worker taking tests from a busy one's queue (the heavy
+# fixtures live for the session); the 15 slowest tests are listed.
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=15
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n auto --dist worksteal -m "not slow"
 
 demo: $(VENV)/.installed
 	$(PY) demo.py

@@ -26,13 +26,11 @@ def build_lpips(pretrained_trunk=True) -> lpips.LPIPS:
             f"LPIPS needs the torchvision VGG16 weights {VGG16_FILE}, not found at {vgg16_path()}: put the file "
             "there (set TORCH_HOME to use another cache), or pass --lpips-random-init (smoke runs)"
         )
-    with warnings.catch_warnings():
+    # LPIPS keeps only the VGG's features: a random trunk need not draw the classifier's 124M weights
+    torchvision_models = types.SimpleNamespace(vgg16=vgg.vgg16 if pretrained_trunk else random_vgg16)
+    with warnings.catch_warnings(), mock.patch.object(lpips.pretrained_networks, "tv", torchvision_models):
         warnings.simplefilter("ignore")  # torchvision's deprecation notice for `pretrained=`
-        if pretrained_trunk:
-            net = lpips.LPIPS(pretrained=True, net="vgg", verbose=False)
-        else:  # LPIPS keeps only the VGG's features: a random trunk need not draw the classifier's 124M weights
-            with mock.patch.object(lpips.pretrained_networks, "tv", types.SimpleNamespace(vgg16=random_vgg16)):
-                net = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=True, verbose=False)
+        net = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=not pretrained_trunk, verbose=False)
     return net.eval().requires_grad_(False)
 
 

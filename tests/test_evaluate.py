@@ -42,7 +42,7 @@ def random_spd(rng, dim):
 def trace_sqrt_product(sigma1, sigma2):
     """tr((sigma1 sigma2)^1/2) through the symmetric form sigma1^1/2 sigma2 sigma1^1/2 (eigh only)."""
     values, vectors = np.linalg.eigh(sigma1)
-    root = vectors @ np.diag(np.sqrt(values)) @ vectors.T
+    root = vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T  # a singular sigma1's -1e-17 are 0
     return np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma2 @ root), 0, None)).sum()
 
 
@@ -89,6 +89,20 @@ def test_frechet_distance_singular_product_fallback(monkeypatch):
     expected = (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
                 - 2 * trace_sqrt_product(sigma1 + offset, sigma2 + offset))
     assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_of_few_samples_keeps_the_real_part_and_refuses_a_large_imaginary_one():
+    # three samples in eight dimensions: rank-2 covariances, whose product's square root comes out complex with an
+    # imaginary part of about 1e-8 (as with a few thousand Inception features of 2048 values)
+    rng = np.random.default_rng(0)
+    first, second = rng.standard_normal((3, 8)), rng.standard_normal((3, 8)) + 0.5
+    (mu1, sigma1), (mu2, sigma2) = fid_statistics(first), fid_statistics(second)
+    assert np.iscomplexobj(linalg.sqrtm(sigma1 @ sigma2))
+    expected = (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
+                - 2 * trace_sqrt_product(sigma1, sigma2))
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="Imaginary component 1.0"):  # not a covariance: no real distance
+        frechet_distance(np.zeros(3), -np.eye(3), np.zeros(3), np.eye(3))
 
 
 def test_frechet_distance_rejects_mismatched_statistics():

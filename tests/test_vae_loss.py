@@ -204,3 +204,18 @@ def test_the_test_runs_configs_differ_from_theirs_only_in_the_discriminator_widt
     loss_fn = ReconstructionLoss_Single_Stage(OmegaConf.load(FIXTURES / test_config), pretrained_lpips=False)
     assert loss_fn.discriminator.main[0].out_channels == 8
 
+
+def test_a_random_lpips_trunk_is_vgg16s_features_at_torchvision_initialisation():
+    import torchvision
+
+    torch.manual_seed(0)
+    trunk = build_lpips(pretrained_trunk=False).net
+    ours = [layer for part in (trunk.slice1, trunk.slice2, trunk.slice3, trunk.slice4, trunk.slice5) for layer in part]
+    with torch.device("meta"):
+        theirs = list(torchvision.models.vgg16().features)[:len(ours)]
+    assert [repr(layer) for layer in ours] == [repr(layer) for layer in theirs]
+    for conv in (layer for layer in ours if isinstance(layer, torch.nn.Conv2d)):
+        assert conv.weight.device.type == "cpu" and torch.equal(conv.bias, torch.zeros_like(conv.bias))
+        expected_std = (2 / (conv.out_channels * 9)) ** 0.5  # kaiming normal, fan out, as torchvision's VGG
+        assert abs(conv.weight.std().item() / expected_std - 1) < 0.1
+
