@@ -33,15 +33,11 @@ COMMANDS = {
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    """{command name: future of its CompletedProcess}. The commands start together, so that their processes' imports
-    and network builds overlap on a machine with several cores; they share one work folder, whose bench data (the
-    same for all three) is made first."""
-    from bench import harness
-
-    work_dir = tmp_path_factory.mktemp("bench")
-    harness.make_bench_data(work_dir, resolution=32, images=16, vae="f8d4-tiny")
+    """{command name: future of its CompletedProcess}. The commands start together, each with its own work folder,
+    so that their processes' imports and network builds overlap on a machine with several cores."""
+    work_dirs = {name: tmp_path_factory.mktemp(name) for name in COMMANDS}
     with ThreadPoolExecutor(len(COMMANDS)) as pool:
-        yield {name: pool.submit(run_script, *command, *(["--work-dir", work_dir] if name != "eval" else []),
+        yield {name: pool.submit(run_script, *command, *(["--work-dir", work_dirs[name]] if name != "eval" else []),
                                  subprocess=True)
                for name, command in COMMANDS.items()}
 
