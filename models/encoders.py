@@ -99,9 +99,17 @@ def to_timm_state_dict(state_dict, family, encoder):
     if family == "mocov3":
         state_dict = mocov3_to_timm(state_dict)
     # timm's filter unwraps "model"/"state_dict"/"encoder", converts the DINOv2 and OpenAI CLIP layouts and
-    # resamples the position embedding to the model's grid (bicubic, antialiased, like REPA's hub models).
-    state_dict = checkpoint_filter_fn(state_dict, encoder)
+    # resamples the position embedding to the model's grid (bicubic, antialiased, like REPA's hub models), in the
+    # tensors' own dtype: a float16 or bfloat16 file's positions are resampled in float32 instead.
+    state_dict = checkpoint_filter_fn(float32_tensors(state_dict), encoder)
     return {k: v for k, v in state_dict.items() if not k.startswith("head.")}  # REPA's encoders have no heads
+
+
+def float32_tensors(state):
+    """A (nested) checkpoint dict with its floating-point tensors in float32."""
+    if isinstance(state, dict):
+        return {key: float32_tensors(value) for key, value in state.items()}
+    return state.float() if torch.is_tensor(state) and state.is_floating_point() else state
 
 
 def mocov3_to_timm(checkpoint):
