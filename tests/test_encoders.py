@@ -9,7 +9,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from helpers import one_storage_
+from helpers import randomize_vit_
 from models.encoders import build_encoder, encoder_patch_tokens, preprocess_raw_image
 from utils.errors import UserError
 from weights.encoders import load_encoders, read_weights
@@ -32,20 +32,6 @@ def no_weights_anywhere(tmp_path, monkeypatch):
         monkeypatch.delenv("REPAE_ENCODER_CKPT_" + name.upper().replace("-", "_"), raising=False)
     monkeypatch.delenv("REPAE_ENCODER_CKPT", raising=False)
     return tmp_path
-
-
-def randomize_(model, one_storage=False):
-    """Make layer scales and prefix tokens non-trivial so that every weight shows in the features; one_storage: the
-    other weights share one storage (one_storage_), for a small torch.save file."""
-    torch.manual_seed(0)
-    if one_storage:
-        one_storage_(model)
-    for name, param in model.named_parameters():
-        if name.endswith("gamma"):
-            param.data = torch.empty_like(param).uniform_(0.5, 1.0)
-        elif name in ("cls_token", "reg_token", "pos_embed"):
-            param.data = torch.empty_like(param).normal_(0, 0.5)
-    return model
 
 
 def half_state_dict(model):
@@ -145,7 +131,7 @@ def test_patch_tokens_drop_prefix_and_skip_norm_for_mae_clip():
 
 @pytest.mark.slow
 def test_hub_format_dinov2_reg_file_gives_source_features(tmp_path, monkeypatch):
-    source = randomize_(build_encoder("dinov2reg", "s", 256), one_storage=True).eval()
+    source = randomize_vit_(build_encoder("dinov2reg", "s", 256)).eval()
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(to_official_dinov2(source.state_dict()), path)
     monkeypatch.setenv("REPAE_ENCODER_CKPT_DINOV2REG_VIT_S", str(path))
@@ -157,7 +143,7 @@ def test_hub_format_dinov2_reg_file_gives_source_features(tmp_path, monkeypatch)
 
 
 def test_hub_cache_dinov2_518_checkpoint_resampled_as_published(no_weights_anywhere):
-    source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0), one_storage=True)
+    source = randomize_vit_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
     official = to_official_dinov2(source.state_dict())
     hub_dir = no_weights_anywhere / "torch" / "hub" / "checkpoints"
     hub_dir.mkdir(parents=True)
@@ -170,7 +156,7 @@ def test_hub_cache_dinov2_518_checkpoint_resampled_as_published(no_weights_anywh
 
 
 def test_timm_weights_from_the_hf_cache(no_weights_anywhere):
-    source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0), one_storage=True)
+    source = randomize_vit_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
     snapshot = hf_cache_snapshot(no_weights_anywhere / "hf", "timm/vit_small_patch14_dinov2.lvd142m")
     save_file(half_state_dict(source), snapshot / "model.safetensors")  # positions resampled in float32 all the same
     (encoder,), _, _ = load_encoders("dinov2-vit-s", "cpu")
@@ -179,7 +165,7 @@ def test_timm_weights_from_the_hf_cache(no_weights_anywhere):
 
 @pytest.mark.slow
 def test_mocov3_release_format_and_timm_safetensors(tmp_path):
-    source = randomize_(build_encoder("mocov3", "s", 256), one_storage=True).eval()
+    source = randomize_vit_(build_encoder("mocov3", "s", 256)).eval()
     pos_224 = torch.randn(1, 1 + 14 * 14, 384)  # MoCo v3 was trained at 224 px
     state = {"module.base_encoder." + k: v for k, v in source.state_dict().items() if k != "pos_embed"}
     state.update({"module.base_encoder.pos_embed": pos_224, "module.base_encoder.head.0.weight": torch.zeros(4, 384),
@@ -199,7 +185,7 @@ def test_mocov3_release_format_and_timm_safetensors(tmp_path):
 
 @pytest.mark.slow
 def test_torchscript_weights_load_only_when_allowed(tmp_path):
-    source = randomize_(build_encoder("mocov3", "s", 16), one_storage=True).eval()
+    source = randomize_vit_(build_encoder("mocov3", "s", 16)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracing warns about the shape checks it freezes
         scripted = torch.jit.trace(source, torch.randn(1, 3, 16, 16))
@@ -286,7 +272,7 @@ def test_unreachable_hub_is_asked_once_without_retries(online_hub):
 @pytest.mark.slow
 def test_hub_cache_is_read_first_when_online(online_hub, no_weights_anywhere):
     calls, _ = online_hub
-    source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0), one_storage=True)
+    source = randomize_vit_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
     snapshot = hf_cache_snapshot(no_weights_anywhere / "hf", "timm/vit_small_patch14_dinov2.lvd142m")
     torch.save(source.state_dict(), snapshot / "pytorch_model.bin")  # the second name: every name is looked up first
     (encoder,), _, _ = load_encoders("dinov2-vit-s", "cpu")
@@ -297,7 +283,7 @@ def test_hub_cache_is_read_first_when_online(online_hub, no_weights_anywhere):
 @pytest.mark.slow
 def test_reachable_hub_fetches_the_name_the_repo_holds(online_hub, tmp_path):
     calls, answers = online_hub
-    source = randomize_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0), one_storage=True)
+    source = randomize_vit_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
     save_file(half_state_dict(source), tmp_path / "downloaded.safetensors")
     answers.update({"model.safetensors": EntryNotFoundError("no model.safetensors"),
                     "pytorch_model.bin": tmp_path / "downloaded.safetensors"})

@@ -16,7 +16,7 @@ from evaluation.dinov2 import build_dinov2, dinov2_input, dinov2_weights_path
 from evaluation.features import FeatureExtractor, choose_metrics, compute_metrics
 from evaluation.flags import METRICS
 from evaluation.reference import ReferenceStatistics
-from helpers import one_storage_
+from helpers import randomize_vit_
 from utils.errors import report_user_errors
 
 SMALL = "dinov2-vit-s"
@@ -80,13 +80,7 @@ def hub_class_token(model, x):
 def official_checkpoint(path):
     """An official-layout DINOv2 ViT-S/14 file (518-px model: 37x37 positions, mask token) with random weights whose
     layer scales and positions matter; returns the 518-px timm model it holds."""
-    torch.manual_seed(1)
-    model = one_storage_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0).eval())
-    for name, parameter in model.named_parameters():  # each its own storage: the shared one keeps its scale
-        if name.endswith("gamma"):
-            parameter.data = torch.empty_like(parameter).uniform_(0.5, 1.0)
-        elif name == "pos_embed":
-            parameter.data = torch.empty_like(parameter).normal_(0, 0.5)
+    model = randomize_vit_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0).eval())
     state = {**model.state_dict(), "mask_token": torch.zeros(1, 384)}
     torch.save(state, path)
     return model
