@@ -100,14 +100,14 @@ def ldm_run(tmp_path_factory, tiny_data, repae_run):
     """The rest of the pipeline after repae_run: its VAE exported by save_vae_weights.py (pretrained/e2e), the
     dataset's latents cached by cache_latents.py (data/e2e.h5) and a 6-step train_ldm_only.py run on them
     (checkpoints at 3 and 6, logging every 4 steps); returns the folder holding pretrained/, data/ and ldm/."""
-    from helpers import run_script, tiny_training_flags
+    from helpers import TINY_VAE, run_script, tiny_training_flags
 
     def build(folder):
         run_script("save_vae_weights.py", "--repae-ckpt", repae_run / "checkpoints" / "0000006.pt",
                    "--vae-name", "e2e", "--save-dir", folder / "pretrained")
         shutil.copytree(tiny_data, folder / "data")
         vae = folder / "pretrained" / "e2e" / "e2e.pt"
-        run_script("cache_latents.py", "--vae-arch", "f8d4-tiny", "--vae-ckpt-path", vae, "--vae-latents-name", "e2e",
+        run_script("cache_latents.py", "--vae-arch", TINY_VAE, "--vae-ckpt-path", vae, "--vae-latents-name", "e2e",
                    "--data-dir", folder / "data", "--output-dir", folder / "data", "--pproc-batch-size", 8,
                    "--num-workers", 0)
         run_script("train_ldm_only.py", *tiny_training_flags(folder / "data", folder, "ldm", **{

@@ -27,6 +27,7 @@ from weights.latent_stats import set_batchnorm_stats
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_LOSS_CONFIG = FIXTURES / "tiny_vae_loss.yaml"
+TINY_VAE = "f8d4-pico"  # the test runs' VAE: its checkpoints are a third of f8d4-tiny's
 
 
 def load_fixture(name):
@@ -55,10 +56,10 @@ def make_dataset(tmp_path, resolution=32, **tree_kwargs):
 
 
 def tiny_training_flags(data_dir, output_dir, exp_name, **overrides):
-    """Flags either trainer takes for a seconds-long CPU run: SiT-P/2, tiny f8d4 VAE, random encoder, 32 px."""
+    """Flags either trainer takes for a seconds-long CPU run: SiT-P/2, f8d4-pico VAE, random encoder, 32 px."""
     flags = {
         "--exp-name": exp_name, "--output-dir": output_dir, "--data-dir": data_dir, "--resolution": 32,
-        "--model": "SiT-P/2", "--vae": "f8d4-tiny", "--vae-ckpt": "none", "--enc-type": "dinov2-vit-s",
+        "--model": "SiT-P/2", "--vae": TINY_VAE, "--vae-ckpt": "none", "--enc-type": "dinov2-vit-s",
         "--batch-size": 4, "--max-train-steps": 4, "--checkpointing-steps": 2, "--sampling-steps": 1000,
         "--sample-batch-size": 4, "--num-classes": 2, "--encoder-depth": 2, "--report-to": "none",
         "--mixed-precision": "no", "--num-workers": 0, "--seed": 0,

@@ -43,7 +43,7 @@ def test_state_dict_layout_matches_published(arch):
     assert ours == {k: v["shape"] for k, v in ref.items()}
 
 
-@pytest.mark.parametrize("arch, channels, factor", [("f8d4", 4, 8), ("f16d32", 32, 16)])
+@pytest.mark.parametrize("arch, channels, factor", [("f8d4", 4, 8), ("f16d32", 32, 16), ("f8d4-pico", 4, 8)])
 def test_latent_shape_attributes(arch, channels, factor):
     with torch.device("meta"):
         vae = vae_models[arch]()

@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import run_script
+from helpers import TINY_VAE, run_script
 
-TINY = ("--resolution", 32, "--model", "SiT-P/2", "--vae", "f8d4-tiny", "--enc-type", "dinov2-vit-s",
+TINY = ("--resolution", 32, "--model", "SiT-P/2", "--vae", TINY_VAE, "--enc-type", "dinov2-vit-s",
         "--encoder-depth", 2)
 # the REPA-E step's own profiler ranges and the loop's EMA update
 PARTS = ("repae/encoder_features", "repae/vae_forward", "repae/vae_update", "repae/discriminator_update",

@@ -15,6 +15,7 @@ import evaluate
 import generate
 from evaluation import dinov2
 from helpers import (
+    TINY_VAE,
     assert_same_state,
     assert_user_error,
     run_script,
@@ -117,7 +118,7 @@ def test_repae_reports_the_vaes_reconstructions_as_eval_vae_does(tiny_data, refe
     exported = tmp_path / "pretrained"
     run_script("save_vae_weights.py", "--repae-ckpt", tmp_path / "repae" / "checkpoints" / "0000002.pt",
                "--vae-name", "e2e", "--save-dir", exported)
-    table = run_script("eval_vae.py", "--vae", "f8d4-tiny", "--vae-ckpt", exported / "e2e" / "e2e.pt",
+    table = run_script("eval_vae.py", "--vae", TINY_VAE, "--vae-ckpt", exported / "e2e" / "e2e.pt",
                        "--data-dir", tiny_data, "--num-images", 6, "--batch-size", 4, "--num-workers", 0,
                        "--inception-weights", weights, "--lpips-random-init", "--device", "cpu",
                        "--json", tmp_path / "vae.json")

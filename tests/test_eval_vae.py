@@ -11,13 +11,13 @@ import eval_vae
 from dataset.h5 import ImageDataset
 from evaluation.inception import InceptionV3
 from evaluation.reconstruction import psnr
-from helpers import assert_user_error, cheap_frechet, make_dataset, run_script, use_cheap_frechet
+from helpers import TINY_VAE, assert_user_error, cheap_frechet, make_dataset, run_script, use_cheap_frechet
 from loss.lpips import build_lpips
 from models.autoencoder import preprocess_imgs_vae, to_uint8, vae_models
 from utils.errors import report_user_errors
 from weights.diffusers_format import export_diffusers_vae
 
-ARCH = "f8d4-tiny"
+ARCH = TINY_VAE
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def images(data_dir):
 
 
 def random_vae(seed):
-    """A randomly initialised tiny f8d4 VAE."""
+    """A randomly initialised f8d4-pico VAE."""
     torch.manual_seed(seed)
     return vae_models[ARCH]().eval()
 
@@ -122,7 +122,7 @@ def test_eval_vae_compares_vae_forms_in_one_table(tmp_path, data_dir, images, ca
 
 @pytest.mark.parametrize("name, message", [
     ("nothere.pt", "--vae-ckpt {ckpt}: no such file or folder"),
-    ("f16d32.pt", "--vae-ckpt {ckpt}: {ckpt} does not fit AutoencoderKL: check --vae f8d4-tiny against the checkpoint"),
+    ("f16d32.pt", "--vae-ckpt {ckpt}: {ckpt} does not fit AutoencoderKL: check --vae {ARCH} against the checkpoint"),
     ("training.pt", "--vae-ckpt {ckpt}: {ckpt} holds a REPA-E training checkpoint (keys model, ema, vae, args), "
                     "not a VAE state dict: extract it with save_vae_weights.py"),
     ("text.pt", "--vae-ckpt {ckpt}: {ckpt} is not a PyTorch or safetensors checkpoint"),
@@ -139,7 +139,7 @@ def test_eval_vae_bad_checkpoint_ends_with_one_line(tmp_path, data_dir, name, me
     with pytest.raises(SystemExit) as exit_info:
         report_user_errors(eval_vae.main)(["--vae", ARCH, "--vae-ckpt", str(ckpt), "--data-dir", str(data_dir),
                                            "--no-rfid", "--lpips-random-init", "--num-workers", "0", "--device", "cpu"])
-    assert str(exit_info.value).startswith("error: " + message.format(ckpt=ckpt))
+    assert str(exit_info.value).startswith("error: " + message.format(ckpt=ckpt, ARCH=ARCH))
     assert "\n" not in str(exit_info.value)
 
 

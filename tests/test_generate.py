@@ -11,7 +11,7 @@ from PIL import Image
 import generate
 import sampling.samplers
 from fixtures.fill import fill_
-from helpers import assert_user_error, file_mode, run_script, training_checkpoint, umask
+from helpers import TINY_VAE, assert_user_error, file_mode, run_script, training_checkpoint, umask
 from models.autoencoder import to_uint8_hwc, vae_models
 from models.sit import SiT_models
 from sampling.samplers import euler_maruyama_sampler, euler_sampler
@@ -27,7 +27,7 @@ STEP = 100
 
 def training_args(vae_ckpt):
     """The model settings a training run records (a subset of the published args.json)."""
-    return dict(model=TINY_NAME, vae="f8d4-tiny", resolution=RESOLUTION, enc_type="dinov2-vit-b", encoder_depth=1,
+    return dict(model=TINY_NAME, vae=TINY_VAE, resolution=RESOLUTION, enc_type="dinov2-vit-b", encoder_depth=1,
                 num_classes=NUM_CLASSES, cfg_prob=0.1, qk_norm=False, fused_attn=True, bn_momentum=0.1,
                 vae_ckpt=vae_ckpt, exp_name="ignored")
 
@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
     """A REPA-E experiment (VAE inside) and a latent-diffusion-only one (VAE file named in args.json)."""
     root = tmp_path_factory.mktemp("generate")
     torch.manual_seed(0)
-    vae = vae_models["f8d4-tiny"]().eval()
+    vae = vae_models[TINY_VAE]().eval()
     model = tiny_sit()
     vae_file = root / "pretrained" / "tiny-vae" / "tiny-vae.pt"
     vae_file.parent.mkdir(parents=True)

@@ -7,7 +7,7 @@ from huggingface_hub import constants
 
 import generate
 import save_vae_weights
-from helpers import tiny_sit, training_checkpoint
+from helpers import TINY_VAE, tiny_sit, training_checkpoint
 from models.autoencoder import vae_models
 from utils.errors import UserError
 from weights.diffusers_format import export_diffusers_vae
@@ -41,9 +41,9 @@ def add_repo(cache, repo_id, files):
 
 
 def tiny_vae(seed):
-    """A tiny f8d4 VAE with seeded weights."""
+    """An f8d4-pico VAE with seeded weights."""
     torch.manual_seed(seed)
-    return vae_models["f8d4-tiny"]()
+    return vae_models[TINY_VAE]()
 
 
 def stats(value):
@@ -62,7 +62,7 @@ def test_load_vae_from_hub_id_offline(hub_cache):
                                             "README.md": "card"})
     for spec in ("REPA-E/test-vae", "hf://REPA-E/test-vae", "hf://REPA-E/test-vae/tiny-vae.pt",
                  f"hf://REPA-E/test-vae@{COMMIT}/tiny-vae.pt"):
-        loaded, loaded_stats = load_vae("f8d4-tiny", spec)
+        loaded, loaded_stats = load_vae(TINY_VAE, spec)
         assert_same_weights(loaded, vae)
         assert torch.equal(loaded_stats["latents_bias"], stats(2.0)["latents_bias"]), spec
     path = resolve_weights("REPA-E/test-vae", kind="vae")
@@ -98,7 +98,7 @@ def test_existing_local_path_wins_and_other_paths_pass_through(hub_cache, tmp_pa
     torch.save(local.state_dict(), tmp_path / "REPA-E" / "test-vae")
     monkeypatch.chdir(tmp_path)
     assert str(resolve_weights("REPA-E/test-vae")) == "REPA-E/test-vae"
-    assert_same_weights(load_vae("f8d4-tiny", "REPA-E/test-vae", require_stats=False)[0], local)
+    assert_same_weights(load_vae(TINY_VAE, "REPA-E/test-vae", require_stats=False)[0], local)
     # a missing OWNER/NAME.pt or deeper path is a local path: the loader names it as before
     assert str(resolve_weights("pretrained/e2e-vavae.pt")) == "pretrained/e2e-vavae.pt"
     with pytest.raises(UserError, match="--vae-ckpt pretrained/sdvae/sdvae-f8d4.pt: no such file or folder"):
@@ -108,11 +108,11 @@ def test_existing_local_path_wins_and_other_paths_pass_through(hub_cache, tmp_pa
 def test_diffusers_repo_resolves_to_its_folder(hub_cache):
     vae = tiny_vae(0)
     add_repo(hub_cache, "REPA-E/test-vae-hf", {"config.json": lambda folder: export_diffusers_vae(
-        vae, "f8d4-tiny", folder, latents_stats=stats(3.0))})
+        vae, TINY_VAE, folder, latents_stats=stats(3.0))})
     path = resolve_weights("REPA-E/test-vae-hf", kind="vae")
     assert path == hub_cache / "models--REPA-E--test-vae-hf" / "snapshots" / COMMIT
     assert all((path / name).is_file() for name in (*DIFFUSERS_FILES, DIFFUSERS_STATS))  # what the hub fetches
-    loaded, loaded_stats = load_vae("f8d4-tiny", "REPA-E/test-vae-hf")
+    loaded, loaded_stats = load_vae(TINY_VAE, "REPA-E/test-vae-hf")
     assert_same_weights(loaded, vae)
     assert torch.allclose(loaded_stats["latents_scale"], stats(3.0)["latents_scale"])
     with pytest.raises(FileNotFoundError, match=f"hf download REPA-E/e2e-vavae-hf --cache-dir {hub_cache}"):
@@ -136,12 +136,12 @@ def test_default_file_table_discovery_and_discriminator(hub_cache):
 def test_entry_points_take_hub_ids(hub_cache, tmp_path):
     vae = tiny_vae(0)
     sit = tiny_sit()
-    checkpoint = training_checkpoint(sit, vae, steps=4, args=argparse.Namespace(vae="f8d4-tiny"))
+    checkpoint = training_checkpoint(sit, vae, steps=4, args=argparse.Namespace(vae=TINY_VAE))
     add_repo(hub_cache, "REPA-E/sit-test", {"checkpoints/0000004.pt": checkpoint})
 
     outputs = save_vae_weights.main(["--repae-ckpt", "REPA-E/sit-test", "--vae-name", "e2e", "--save-dir",
                                      str(tmp_path / "out")])
-    assert_same_weights(load_vae("f8d4-tiny", outputs["vae"])[0], vae)
+    assert_same_weights(load_vae(TINY_VAE, outputs["vae"])[0], vae)
 
     # generate names the run after the repo (not the cache's commit folder) and the step after the file
     args = generate.parse_args(["--ckpt", "REPA-E/sit-test"])

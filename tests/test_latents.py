@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from helpers import TINY_VAE
 from models.autoencoder import latent_shape, vae_models
 from utils.errors import UserError
 from weights.latent_stats import (
@@ -80,7 +81,7 @@ def test_latent_shape_needs_a_multiple_of_the_factor():
 
 def test_estimated_stats_normalize_to_zero_mean_unit_variance():
     torch.manual_seed(0)
-    vae = vae_models["f8d4-tiny"]().eval()
+    vae = vae_models[TINY_VAE]().eval()
     batches = [torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8) for _ in range(2)]
     torch.manual_seed(1)
     stats = estimate_latents_stats(vae, batches, "cpu")
@@ -95,32 +96,32 @@ def test_estimated_stats_normalize_to_zero_mean_unit_variance():
 
 def test_vae_file_with_stats_beside_it(tmp_path):
     torch.manual_seed(0)
-    vae = vae_models["f8d4-tiny"]()
+    vae = vae_models[TINY_VAE]()
     path = tmp_path / "tiny.pt"
     torch.save(vae.state_dict(), path)
     with pytest.raises(UserError, match="tiny-latents-stats.pt"):
-        load_vae("f8d4-tiny", path)
-    assert load_vae("f8d4-tiny", path, require_stats=False)[1] is None
+        load_vae(TINY_VAE, path)
+    assert load_vae(TINY_VAE, path, require_stats=False)[1] is None
     stats = {key: value.float() for key, value in random_stats(4).items()}
     torch.save(stats, tmp_path / "tiny-latents-stats.pt")
-    loaded, loaded_stats = load_vae("f8d4-tiny", path)
+    loaded, loaded_stats = load_vae(TINY_VAE, path)
     assert all(torch.equal(loaded_stats[key], stats[key]) for key in stats)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
 
 
 def test_wrong_vae_files_are_named(tmp_path):
-    vae = vae_models["f8d4-tiny"]()
+    vae = vae_models[TINY_VAE]()
     path = tmp_path / "tiny.pt"
     torch.save({"model": {}, "ema": {}, "vae": vae.state_dict(), "steps": 3}, path)
     with pytest.raises(UserError, match=f"^--vae-ckpt {path}: {path} holds a REPA-E training checkpoint .*not a VAE "
                                         r"state dict: extract it with save_vae_weights\.py$"):
-        load_vae("f8d4-tiny", path)
+        load_vae(TINY_VAE, path)
     torch.save(vae.state_dict(), path)
     torch.save(torch.ones(1, 4, 1, 1), tmp_path / "tiny-latents-stats.pt")
     with pytest.raises(UserError, match=r"tiny-latents-stats\.pt holds a Tensor, not latent statistics"):
-        load_vae("f8d4-tiny", path)
+        load_vae(TINY_VAE, path)
     torch.save({"scale": torch.ones(1, 4, 1, 1)}, tmp_path / "tiny-latents-stats.pt")
     with pytest.raises(UserError, match=r"tiny-latents-stats\.pt holds keys scale, not latent statistics"):
-        load_vae("f8d4-tiny", path)
+        load_vae(TINY_VAE, path)
     with pytest.raises(UserError, match="--vae f9d9 is unknown"):
         load_vae("f9d9", path)

@@ -6,7 +6,7 @@ import torch
 
 import save_vae_weights
 from fixtures.fill import fill_
-from helpers import assert_user_error, file_mode, run_script, tiny_sit, training_checkpoint, umask
+from helpers import TINY_VAE, assert_user_error, file_mode, run_script, tiny_sit, training_checkpoint, umask
 from loss.discriminator import NLayerDiscriminator
 from models.autoencoder import vae_models
 from utils.errors import UserError
@@ -16,11 +16,11 @@ from weights.vae import load_vae
 
 @pytest.fixture(scope="module")
 def repae_ckpt(tmp_path_factory):
-    """A REPA-E training checkpoint: tiny f8d4 VAE, tiny SiT (batch-norm with statistics), discriminator."""
+    """A REPA-E training checkpoint: f8d4-pico VAE, tiny SiT (batch-norm with statistics), discriminator."""
     torch.manual_seed(0)
-    vae = vae_models["f8d4-tiny"]()
+    vae = vae_models[TINY_VAE]()
     sit = tiny_sit()
-    checkpoint = training_checkpoint(sit, vae, steps=100, args=argparse.Namespace(vae="f8d4-tiny", model="SiT-B/2"),
+    checkpoint = training_checkpoint(sit, vae, steps=100, args=argparse.Namespace(vae=TINY_VAE, model="SiT-B/2"),
                                      discriminator=fill_(NLayerDiscriminator()).state_dict())
     path = tmp_path_factory.mktemp("repae") / "checkpoints" / "0000100.pt"
     path.parent.mkdir()
@@ -40,7 +40,7 @@ def test_published_command_line_outputs(repae_ckpt, tmp_path):
     vae_state = load_file(out / "e2e-tiny.pt")
     assert vae_state.keys() == checkpoint["vae"].keys()
     assert all(torch.equal(vae_state[k], checkpoint["vae"][k]) for k in vae_state)
-    vae, stats = load_vae("f8d4-tiny", out / "e2e-tiny.pt")
+    vae, stats = load_vae(TINY_VAE, out / "e2e-tiny.pt")
 
     running_var, running_mean = checkpoint["ema"]["bn.running_var"], checkpoint["ema"]["bn.running_mean"]
     assert set(stats) == {"latents_scale", "latents_bias"}
@@ -101,7 +101,7 @@ def test_diffusers_export(repae_ckpt, tmp_path):
     files = [outputs[kind] for kind in ("vae", "latents_stats", "discriminator")] + sorted(folder.iterdir())
     assert len(files) == 6 and {file_mode(f) for f in files} == {0o644} and file_mode(folder) == 0o755
     reference = diffusers.AutoencoderKL.from_pretrained(folder).eval()
-    ours, stats = load_vae("f8d4-tiny", folder)
+    ours, stats = load_vae(TINY_VAE, folder)
     stats_file = load_file(outputs["latents_stats"])
     for key in ("latents_scale", "latents_bias"):
         torch.testing.assert_close(stats[key].reshape(1, 4, 1, 1).float(), stats_file[key])

@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from helpers import (
     ROOT,
+    TINY_VAE,
     assert_same_state,
     assert_user_error,
     first_state,
@@ -69,7 +70,7 @@ def deterministic_vae(tmp_path_factory):
 
     def build(folder):
         torch.manual_seed(0)
-        vae = vae_models["f8d4-tiny"]()
+        vae = vae_models[TINY_VAE]()
         with torch.no_grad():
             logvar = slice(4, 8)  # moments are mean channels then log-variance channels
             vae.quant_conv.weight[logvar] = 0.0
@@ -108,7 +109,7 @@ def test_short_run_writes_published_layout(base):
     assert torch.equal(ckpt["model"]["pos_embed"], sit.pos_embed)  # the sin-cos embedding stays fixed
     sit.load_state_dict(ckpt["ema"], strict=True)
     sit.load_state_dict(ckpt["model"], strict=True)
-    vae_models["f8d4-tiny"]().load_state_dict(ckpt["vae"], strict=True)
+    vae_models[TINY_VAE]().load_state_dict(ckpt["vae"], strict=True)
     NLayerDiscriminator(ndf=8).load_state_dict(ckpt["discriminator"], strict=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     # Every optimizer took 6 steps; the EMA has moved, but less than the model.
@@ -193,7 +194,7 @@ def test_two_process_resume_is_exact(data_dir, deterministic_vae, ddp, tmp_path)
 
 
 def test_nonfinite_run_stops_without_checkpoint(data_dir, tmp_path):
-    vae = vae_models["f8d4-tiny"]()
+    vae = vae_models[TINY_VAE]()
     with torch.no_grad():
         vae.encoder.conv_in.weight[0, 0, 0, 0] = float("nan")
     nan_vae = save_vae_file(tmp_path / "nan-vae.pt", vae, STATS)

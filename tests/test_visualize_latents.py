@@ -6,13 +6,13 @@ from PIL import Image
 
 import visualize_latents
 from dataset.h5 import ImageDataset
-from helpers import assert_user_error, make_dataset, run_script
+from helpers import TINY_VAE, assert_user_error, make_dataset, run_script
 from models.autoencoder import vae_models
 from utils.errors import report_user_errors
 from visualize_latents import HEADER_HEIGHT, latent_pictures, pca_rgb
 from weights.diffusers_format import export_diffusers_vae
 
-ARCH = "f8d4-tiny"
+ARCH = TINY_VAE
 
 
 def numpy_pca_rgb(latents):

@@ -53,8 +53,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def vae_kind_help(ckpt_flag):
     """Help of the flag that names a VAE's kind (--vae, --vae-arch); ckpt_flag names its weights."""
-    return ("VAE layout: f8d4, f16d32 (f8d4-tiny, f16d32-tiny: smoke-run sizes), or diffusers: any diffusers "
-            f"AutoencoderKL folder or hub id given as {ckpt_flag}")
+    return ("VAE layout: f8d4, f16d32 (f8d4-tiny, f16d32-tiny, f8d4-pico: smoke-run sizes), or diffusers: any "
+            f"diffusers AutoencoderKL folder or hub id given as {ckpt_flag}")
 
 
 VAE_CKPT_HELP = ("NAME.pt (NAME-latents-stats.pt beside it), .safetensors, a diffusers AutoencoderKL folder, or a hub "
