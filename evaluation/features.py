@@ -41,18 +41,25 @@ INCEPTION_DIMS = {"pool": 2048, "spatial": 2023}
 
 @contextlib.contextmanager
 def full_float32(device_type):
-    """Inside: float32 matmuls and convolutions without TF32, deterministic cuDNN algorithms (not benchmarked ones,
-    which may differ from run to run), and no autocast; the caller's settings come back after."""
-    cudnn = torch.backends.cudnn
-    saved = torch.get_float32_matmul_precision(), cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic
-    torch.set_float32_matmul_precision("highest")
-    cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = False, False, True
+    """Inside: float32 matmuls and convolutions without TF32 or bfloat16, deterministic cuDNN algorithms (not
+    benchmarked ones, which may differ from run to run), and no autocast; the caller's settings come back after.
+
+    Each backend's precision is read and set on its own: torch.get_float32_matmul_precision() raises once a program
+    has set precisions through both of torch's interfaces (set_float32_matmul_precision, then allow_tf32)."""
+    backends, cudnn = torch.backends, torch.backends.cudnn
+    precisions = [backends.cuda.matmul, cudnn.conv, cudnn.rnn, backends.mkldnn.matmul, backends.mkldnn.conv,
+                  backends.mkldnn.rnn]
+    saved = [backend.fp32_precision for backend in precisions], cudnn.benchmark, cudnn.deterministic
+    for backend in precisions:
+        backend.fp32_precision = "ieee"
+    cudnn.benchmark, cudnn.deterministic = False, True
     try:
         with torch.autocast(device_type, enabled=False):
             yield
     finally:
-        torch.set_float32_matmul_precision(saved[0])
-        cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved[1:]
+        for backend, precision in zip(precisions, saved[0]):
+            backend.fp32_precision = precision
+        cudnn.benchmark, cudnn.deterministic = saved[1:]
 
 
 def file_sha256(path):

@@ -50,7 +50,8 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
-    """A weights file of the FID Inception network with random (unit-scale) weights, written once per session."""
+    """A weights file of the FID Inception network with random (unit-scale) weights, written once per session in
+    float16 (half the file; the network loads them as float32)."""
 
     def build(folder):
         import torch
@@ -58,25 +59,34 @@ def inception_weights(tmp_path_factory):
         from evaluation.inception import InceptionV3
 
         torch.manual_seed(0)
-        torch.save(InceptionV3().state_dict(), folder / "random-inception.pth")
+        weights = {key: value.half() if value.is_floating_point() else value
+                   for key, value in InceptionV3().state_dict().items()}
+        torch.save(weights, folder / "random-inception.pth")
 
     return shared_folder(tmp_path_factory, "inception", build) / "random-inception.pth"
 
 
 @pytest.fixture(scope="session")
 def reference(tiny_data, tmp_path_factory, inception_weights):
-    """(statistics file of tiny_data's images by reference_stats.py with a random ViT-S for DINOv2, the random
-    Inception weights file it used), made once per session."""
+    """(statistics file of tiny_data's 16 images, the random Inception weights file it used), made once per session
+    by reference_stats.py in batches of 8 with a random ViT-S for DINOv2, from an ADM batch of the images (adm.npz
+    beside it)."""
 
     def build(folder):
+        import numpy as np
+
         import reference_stats
+        from dataset.h5 import ImageDataset
         from evaluation import dinov2
 
+        dataset = ImageDataset(str(tiny_data))
+        np.savez(folder / "adm.npz", arr_0=np.stack([dataset[i][0].permute(1, 2, 0).numpy()
+                                                     for i in range(len(dataset))]))
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(dinov2, "DINOV2_ENCODER", "dinov2-vit-s")
-            reference_stats.main([str(tiny_data), str(folder / "ref.npz"), "--inception-weights",
-                                  str(inception_weights), "--dinov2-random-init", "--device", "cpu", "--num-workers",
-                                  "0"])
+            reference_stats.main([str(folder / "adm.npz"), str(folder / "ref.npz"), "--inception-weights",
+                                  str(inception_weights), "--dinov2-random-init", "--batch-size", "8", "--device",
+                                  "cpu", "--num-workers", "0"])
 
     return shared_folder(tmp_path_factory, "reference", build) / "ref.npz", inception_weights
 

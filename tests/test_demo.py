@@ -4,15 +4,17 @@ import os
 import re
 import sys
 import types
+from functools import partial
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from dataset.h5 import ImageDataset
-from helpers import run_main, run_script, use_cheap_frechet
+from helpers import ROOT, TINY_VAE, run_main, run_script, use_cheap_frechet
 from weights.checkpoint import load_file
 
 
@@ -31,11 +33,13 @@ def test_nearest_neighbour_check_counts_classes_by_their_majority():
     assert recognised == {c: c != 0 for c in range(8)}
 
 
-def stage_in_this_process(command, cwd, env):
+def stage_in_this_process(command, cwd, env, swap):
     """demo.run's subprocess.run for a single-process stage: the script's main(argv) called in this process, with
-    the stage's environment and working folder (the quick pass starts no torchrun)."""
+    the stage's environment and working folder (the quick pass starts no torchrun), each argument in swap replaced
+    by its value."""
     python, script, *args = command
     assert python == sys.executable and script.endswith(".py"), command
+    args = [swap.get(str(arg), arg) for arg in args]
     result = run_main(Path(script).name, args, env=env or dict(os.environ), cwd=cwd)
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
@@ -46,7 +50,14 @@ def stage_in_this_process(command, cwd, env):
 def test_demo_quick_pipeline(tmp_path, monkeypatch):
     import demo
 
-    monkeypatch.setattr(demo, "subprocess", types.SimpleNamespace(run=stage_in_this_process))
+    # The stages run the test suite's networks in place of the demo's (a twentieth of the checkpoints' size):
+    # SiT-P/2 for SiT-T/2, f8d4-pico for f8d4-tiny, and the demo's loss config with an 8-wide discriminator.
+    narrow_config = OmegaConf.load(ROOT / "configs" / "demo_vae_loss.yaml")
+    narrow_config.losses.discriminator_channels = 8
+    OmegaConf.save(narrow_config, tmp_path / "demo_vae_loss_narrow.yaml")
+    swap = {"SiT-T/2": "SiT-P/2", "f8d4-tiny": TINY_VAE,
+            "configs/demo_vae_loss.yaml": str(tmp_path / "demo_vae_loss_narrow.yaml")}
+    monkeypatch.setattr(demo, "subprocess", types.SimpleNamespace(run=partial(stage_in_this_process, swap=swap)))
     use_cheap_frechet(monkeypatch)
     out = tmp_path / "demo"
     result = run_script("demo.py", "--quick", "--out", out, timeout=900)
@@ -57,6 +68,8 @@ def test_demo_quick_pipeline(tmp_path, monkeypatch):
         assert what in result.stdout and (out / path).exists(), what
 
     repae = load_file(summary["REPA-E checkpoint"])
+    recorded = json.loads((Path(summary["REPA-E checkpoint"]).parents[1] / "args.json").read_text())
+    assert (recorded["model"], recorded["vae"]) == ("SiT-P/2", TINY_VAE)  # the swap took
     assert repae["steps"] == 6 and {"model", "ema", "vae", "discriminator"} <= repae.keys()
     ldm = load_file(summary["LDM-only checkpoint"])
     assert ldm["steps"] == 6 and "vae" not in ldm

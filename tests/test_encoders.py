@@ -284,9 +284,9 @@ def test_hub_cache_is_read_first_when_online(online_hub, no_weights_anywhere):
 def test_reachable_hub_fetches_the_name_the_repo_holds(online_hub, tmp_path):
     calls, answers = online_hub
     source = randomize_vit_(timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0))
-    save_file(half_state_dict(source), tmp_path / "downloaded.safetensors")
+    torch.save(source.state_dict(), tmp_path / "pytorch_model.bin")
     answers.update({"model.safetensors": EntryNotFoundError("no model.safetensors"),
-                    "pytorch_model.bin": tmp_path / "downloaded.safetensors"})
+                    "pytorch_model.bin": tmp_path / "pytorch_model.bin"})
     (encoder,), _, _ = load_encoders("dinov2-vit-s", "cpu")
     assert calls == [("metadata", "model.safetensors"), ("metadata", "pytorch_model.bin"),
                      ("download", "pytorch_model.bin")]

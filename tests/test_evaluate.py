@@ -1,4 +1,5 @@
 """evaluate.py and evaluation/: the ADM evaluator's formulas, the Inception features, the whole command."""
+import contextlib
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 
 import evaluate
 from evaluation import dinov2, metrics
-from evaluation.features import FeatureExtractor, compute_metrics
+from evaluation.features import FeatureExtractor, compute_metrics, full_float32
 from evaluation.inception import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, InceptionV3, inception_weights_path
 from evaluation.metrics import (
     fid_statistics,
@@ -44,6 +45,35 @@ def trace_sqrt_product(sigma1, sigma2):
     values, vectors = np.linalg.eigh(sigma1)
     root = vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T  # a singular sigma1's -1e-17 are 0
     return np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma2 @ root), 0, None)).sum()
+
+
+@contextlib.contextmanager
+def float32_precisions(settings):
+    """Each torch backend's float32 precision (fp32_precision) as settings gives it; the previous ones back after."""
+    saved = {backend: backend.fp32_precision for backend in settings}
+    for backend, precision in settings.items():
+        backend.fp32_precision = precision
+    try:
+        yield
+    finally:
+        for backend, precision in saved.items():
+            backend.fp32_precision = precision
+
+
+def test_full_float32_sets_and_restores_each_backend_on_its_own(monkeypatch):
+    def refuse():
+        raise RuntimeError("PyTorch is checking the matmul precision without a specific backend name")
+
+    # what torch's global getter does once a program used both of its precision interfaces (then allow_tf32)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", refuse)
+    backends = torch.backends
+    reduced = {backends.mkldnn.matmul: "bf16", backends.cuda.matmul: "tf32", backends.cudnn.conv: "tf32"}
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    with float32_precisions(reduced):
+        with full_float32("cpu"):
+            assert {backend.fp32_precision for backend in reduced} == {"ieee"} and not torch.backends.cudnn.benchmark
+            assert torch.backends.cudnn.deterministic and not torch.is_autocast_enabled("cpu")
+        assert {backend: backend.fp32_precision for backend in reduced} == reduced and torch.backends.cudnn.benchmark
 
 
 def test_frechet_distance_identical_statistics_is_zero():
@@ -426,17 +456,13 @@ def test_evaluate_gives_the_numbers_a_training_loop_gets(tmp_path, inception_wei
     extractor = FeatureExtractor(wanted, "cpu", inception_weights=inception_weights, dinov2_random_init=True)
     reference = ReferenceStatistics.load(tmp_path / "ref.npz").prepare(extractor, batch_size=3)
     nchw = torch.from_numpy(samples).permute(0, 3, 1, 2).contiguous()
-    old_precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
+    reduced = {torch.backends.mkldnn.matmul: "bf16", torch.backends.cuda.matmul: "tf32"}
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            parts = [extractor(nchw[start:start + 3].permute(0, 2, 3, 1)) for start in (0, 3)]
-            unguarded = extractor.networks["dinov2"].features(nchw[:1].permute(0, 2, 3, 1))
+    with float32_precisions(reduced), torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = [extractor(nchw[start:start + 3].permute(0, 2, 3, 1)) for start in (0, 3)]
+        unguarded = extractor.networks["dinov2"].features(nchw[:1].permute(0, 2, 3, 1))
         # the caller's settings are back
-        assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.benchmark
-    finally:
-        torch.set_float32_matmul_precision(old_precision)
+        assert {backend: backend.fp32_precision for backend in reduced} == reduced and torch.backends.cudnn.benchmark
     assert not np.array_equal(unguarded, parts[0]["dinov2"][:1])  # autocast would have changed the features
     features = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     numbers = compute_metrics(features, reference, wanted)

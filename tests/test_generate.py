@@ -19,7 +19,7 @@ from utils.errors import UserError, report_user_errors
 from weights.latent_stats import denormalize_latents, stats_from_batchnorm
 
 # The smoke-size SiT of the registry: generate.py builds models by registry name.
-TINY_NAME = "SiT-T/2"
+TINY_NAME = "SiT-P/2"
 NUM_CLASSES = 10
 RESOLUTION = 32  # 4x4 latents
 STEP = 100

@@ -34,16 +34,11 @@ def random_images(count, size=32, seed=0):
 
 
 @pytest.fixture(scope="session")
-def made(tmp_path_factory, inception_weights):
-    """An ADM-style batch of six 32-px images and the statistics file reference_stats.py makes of it."""
-    folder = tmp_path_factory.mktemp("reference")
-    np.savez(folder / "adm.npz", arr_0=random_images(6, seed=1))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dinov2, "DINOV2_ENCODER", "dinov2-vit-s")
-        written = reference_stats.main([str(folder / "adm.npz"), str(folder / "stats.npz"), "--inception-weights",
-                                        str(inception_weights), "--dinov2-random-init", "--batch-size", "3",
-                                        "--device", "cpu", "--num-workers", "0"])
-    return {"adm": folder / "adm.npz", "stats": folder / "stats.npz", "written": written}
+def made(reference):
+    """The session's ADM-style batch of sixteen 32-px images and the statistics file reference_stats.py made of it in
+    batches of 8 (conftest.reference)."""
+    stats, _ = reference
+    return {"adm": stats.parent / "adm.npz", "stats": stats}
 
 
 def flags(inception_weights, *extra):
@@ -54,14 +49,13 @@ def flags(inception_weights, *extra):
 
 @pytest.mark.slow
 def test_stats_file_holds_the_adm_statistics_and_metadata(made, inception_weights):
-    assert made["written"] == made["stats"]
     with np.load(made["stats"]) as npz:
         stored = {key: npz[key] for key in npz.files}
     assert set(stored) == STATS_KEYS | METADATA_KEYS
-    images = random_images(6, seed=1)
+    images = np.load(made["adm"])["arr_0"]
     extractor = FeatureExtractor(["fid", "sfid", "fd_dinov2"], inception_weights=inception_weights,
                                  dinov2_random_init=True)
-    parts = [extractor(images[:3]), extractor(images[3:])]  # the script's batches of 3
+    parts = [extractor(images[:8]), extractor(images[8:])]  # the script's batches of 8
     for feature, (mu_key, sigma_key) in {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s"),
                                          "dinov2": ("mu_dinov2", "sigma_dinov2")}.items():
         values = np.concatenate([part[feature] for part in parts])
@@ -73,12 +67,12 @@ def test_stats_file_holds_the_adm_statistics_and_metadata(made, inception_weight
         np.testing.assert_allclose(stored[sigma_key], np.cov(values.astype(np.float64), rowvar=False), atol=1e-9)
     assert stored["mu"].shape == (2048,) and stored["sigma_s"].shape == (2023, 2023)
     assert stored["source"].item() == str(made["adm"].resolve())
-    assert stored["num_images"].item() == 6 and stored["resolution"].item() == 32
+    assert stored["num_images"].item() == 16 and stored["resolution"].item() == 32
     assert stored["inception_weights_sha256"].item() == hashlib.sha256(inception_weights.read_bytes()).hexdigest()
     assert stored["dinov2_weights_sha256"].item() == "random"
 
     reference = ReferenceStatistics.load(made["stats"])
-    assert reference.images is None and reference.resolution == 32 and reference.num_images == 6
+    assert reference.images is None and reference.resolution == 32 and reference.num_images == 16
     assert reference.weights_sha256 == {"inception": stored["inception_weights_sha256"].item(), "dinov2": "random"}
     assert reference.source == str(made["adm"].resolve()) and set(reference.statistics) == {"pool", "spatial", "dinov2"}
 
@@ -93,7 +87,7 @@ def test_evaluate_with_the_stats_file_equals_evaluate_with_the_batch_it_was_made
     from_batch = evaluate.main([str(made["adm"]), *argv])
     for key in ("fid", "sfid", "fd_dinov2"):
         assert from_stats[key] == from_batch[key] and from_stats[key] > 0, key
-    assert from_stats["num_ref"] == from_batch["num_ref"] == 6
+    assert from_stats["num_ref"] == from_batch["num_ref"] == 16
 
 
 @pytest.mark.slow
@@ -103,7 +97,7 @@ def test_stats_file_without_images_leaves_out_precision_and_recall(made):
     assert metrics == ["is", "fid", "sfid", "fd_dinov2"]
     assert notes == [f"Precision and Recall skipped: {made['stats']} holds no images (arr_0), which precision and "
                      "recall need"]
-    with pytest.raises(UserError, match=r"^--metrics recall: .*stats.npz holds no images \(arr_0\)"):
+    with pytest.raises(UserError, match=r"^--metrics recall: .*ref.npz holds no images \(arr_0\)"):
         choose_metrics(["fid", "recall"], reference, offered=list(METRICS), dinov2_given=True)
 
 
@@ -115,7 +109,7 @@ def test_evaluate_refuses_a_reference_of_other_weights_or_resolution(made, incep
                                         r"\(random\) are in use: make it again with reference_stats.py"):
         evaluate.main([str(made["stats"]), str(tmp_path / "samples.npz"), "--inception-random-init", "--metrics",
                        "fid", "--device", "cpu"])
-    with pytest.raises(UserError, match="stats.npz is a reference of 32-px images, not 24-px: make one of 24-px "
+    with pytest.raises(UserError, match="ref.npz is a reference of 32-px images, not 24-px: make one of 24-px "
                                         r"images \(reference_stats.py --resolution 24\)"):
         evaluate.main([str(made["stats"]), str(tmp_path / "samples24.npz"), "--metrics", "fd_dinov2",
                        *flags(inception_weights)])
@@ -196,8 +190,9 @@ def test_bad_input_ends_with_one_line_and_writes_nothing(tmp_path, case, message
 def test_overwrite_replaces_the_file(tmp_path):
     np.savez(tmp_path / "images.npz", arr_0=random_images(3))
     (tmp_path / "out.npz").write_bytes(b"old")
-    reference_stats.main([str(tmp_path / "images.npz"), str(tmp_path / "out.npz"), "--overwrite", "--metrics",
-                          "fd_dinov2", "--dinov2-random-init", "--device", "cpu"])
+    written = reference_stats.main([str(tmp_path / "images.npz"), str(tmp_path / "out.npz"), "--overwrite",
+                                    "--metrics", "fd_dinov2", "--dinov2-random-init", "--device", "cpu"])
+    assert written == tmp_path / "out.npz"
     assert ReferenceStatistics.load(tmp_path / "out.npz").num_images == 3
 
 
