@@ -164,7 +164,7 @@ def test_timm_weights_from_the_hf_cache(no_weights_anywhere):
 
 
 @pytest.mark.slow
-def test_mocov3_release_format_and_timm_safetensors(tmp_path):
+def test_mocov3_release_format_and_timm_format(tmp_path):
     source = randomize_vit_(build_encoder("mocov3", "s", 256)).eval()
     pos_224 = torch.randn(1, 1 + 14 * 14, 384)  # MoCo v3 was trained at 224 px
     state = {"module.base_encoder." + k: v for k, v in source.state_dict().items() if k != "pos_embed"}
@@ -175,8 +175,8 @@ def test_mocov3_release_format_and_timm_safetensors(tmp_path):
     torch.testing.assert_close(encoder.pos_embed, resample_abs_pos_embed(pos_224, [16, 16]), rtol=0, atol=0)
     torch.testing.assert_close(encoder.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight, rtol=0, atol=0)
 
-    save_file(half_state_dict(source), tmp_path / "timm.safetensors")
-    (encoder,), _, _ = load_encoders("mocov3-vit-s", "cpu", ckpt=str(tmp_path / "timm.safetensors"))
+    torch.save(source.state_dict(), tmp_path / "timm.pth")
+    (encoder,), _, _ = load_encoders("mocov3-vit-s", "cpu", ckpt=str(tmp_path / "timm.pth"))
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
         torch.testing.assert_close(encoder_patch_tokens(encoder, "mocov3", x),

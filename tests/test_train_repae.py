@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from helpers import (
     ROOT,
+    TINY_LOSS_CONFIG,
     TINY_VAE,
     assert_same_state,
     assert_user_error,
@@ -289,9 +290,11 @@ def test_resume_latest_skips_an_unreadable_checkpoint_and_cleans_interrupted_wri
 
 
 def test_runs_from_any_working_folder(data_dir, tmp_path):
-    # The default --loss-cfg-path is relative to the repository, not to the working folder.
-    run_script("train_repae.py", *tiny_training_flags(data_dir, tmp_path, "elsewhere", **{"--max-train-steps": 1}),
-               "--lpips-random-init", cwd=tmp_path)
+    # A relative --loss-cfg-path (the default is one) is read from the repository, not from the working folder.
+    flags = {"--max-train-steps": 1, "--loss-cfg-path": TINY_LOSS_CONFIG.relative_to(ROOT)}
+    assert not (tmp_path / flags["--loss-cfg-path"]).exists()
+    run_script("train_repae.py", *tiny_training_flags(data_dir, tmp_path, "elsewhere", **flags), "--lpips-random-init",
+               cwd=tmp_path)
     assert (tmp_path / "elsewhere" / "checkpoints" / "0000001.pt").is_file()
 
 
