@@ -68,9 +68,9 @@ def inception_weights(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(tiny_data, tmp_path_factory, inception_weights):
-    """(statistics file of tiny_data's 16 images, the random Inception weights file it used), made once per session
-    by reference_stats.py in batches of 8 with a random ViT-S for DINOv2, from an ADM batch of the images (adm.npz
-    beside it)."""
+    """(statistics file of tiny_data's first 8 images, the random Inception weights file it used), made once per
+    session by reference_stats.py in batches of 4 with a random ViT-S for DINOv2, from an ADM batch of the images
+    (adm.npz beside it)."""
 
     def build(folder):
         import numpy as np
@@ -80,12 +80,11 @@ def reference(tiny_data, tmp_path_factory, inception_weights):
         from evaluation import dinov2
 
         dataset = ImageDataset(str(tiny_data))
-        np.savez(folder / "adm.npz", arr_0=np.stack([dataset[i][0].permute(1, 2, 0).numpy()
-                                                     for i in range(len(dataset))]))
+        np.savez(folder / "adm.npz", arr_0=np.stack([dataset[i][0].permute(1, 2, 0).numpy() for i in range(8)]))
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(dinov2, "DINOV2_ENCODER", "dinov2-vit-s")
             reference_stats.main([str(folder / "adm.npz"), str(folder / "ref.npz"), "--inception-weights",
-                                  str(inception_weights), "--dinov2-random-init", "--batch-size", "8", "--device",
+                                  str(inception_weights), "--dinov2-random-init", "--batch-size", "4", "--device",
                                   "cpu", "--num-workers", "0"])
 
     return shared_folder(tmp_path_factory, "reference", build) / "ref.npz", inception_weights

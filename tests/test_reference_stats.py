@@ -35,8 +35,8 @@ def random_images(count, size=32, seed=0):
 
 @pytest.fixture(scope="session")
 def made(reference):
-    """The session's ADM-style batch of sixteen 32-px images and the statistics file reference_stats.py made of it in
-    batches of 8 (conftest.reference)."""
+    """The session's ADM-style batch of eight 32-px images and the statistics file reference_stats.py made of it in
+    batches of 4 (conftest.reference)."""
     stats, _ = reference
     return {"adm": stats.parent / "adm.npz", "stats": stats}
 
@@ -55,7 +55,7 @@ def test_stats_file_holds_the_adm_statistics_and_metadata(made, inception_weight
     images = np.load(made["adm"])["arr_0"]
     extractor = FeatureExtractor(["fid", "sfid", "fd_dinov2"], inception_weights=inception_weights,
                                  dinov2_random_init=True)
-    parts = [extractor(images[:8]), extractor(images[8:])]  # the script's batches of 8
+    parts = [extractor(images[:4]), extractor(images[4:])]  # the script's batches of 4
     for feature, (mu_key, sigma_key) in {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s"),
                                          "dinov2": ("mu_dinov2", "sigma_dinov2")}.items():
         values = np.concatenate([part[feature] for part in parts])
@@ -67,12 +67,12 @@ def test_stats_file_holds_the_adm_statistics_and_metadata(made, inception_weight
         np.testing.assert_allclose(stored[sigma_key], np.cov(values.astype(np.float64), rowvar=False), atol=1e-9)
     assert stored["mu"].shape == (2048,) and stored["sigma_s"].shape == (2023, 2023)
     assert stored["source"].item() == str(made["adm"].resolve())
-    assert stored["num_images"].item() == 16 and stored["resolution"].item() == 32
+    assert stored["num_images"].item() == 8 and stored["resolution"].item() == 32
     assert stored["inception_weights_sha256"].item() == hashlib.sha256(inception_weights.read_bytes()).hexdigest()
     assert stored["dinov2_weights_sha256"].item() == "random"
 
     reference = ReferenceStatistics.load(made["stats"])
-    assert reference.images is None and reference.resolution == 32 and reference.num_images == 16
+    assert reference.images is None and reference.resolution == 32 and reference.num_images == 8
     assert reference.weights_sha256 == {"inception": stored["inception_weights_sha256"].item(), "dinov2": "random"}
     assert reference.source == str(made["adm"].resolve()) and set(reference.statistics) == {"pool", "spatial", "dinov2"}
 
@@ -87,7 +87,7 @@ def test_evaluate_with_the_stats_file_equals_evaluate_with_the_batch_it_was_made
     from_batch = evaluate.main([str(made["adm"]), *argv])
     for key in ("fid", "sfid", "fd_dinov2"):
         assert from_stats[key] == from_batch[key] and from_stats[key] > 0, key
-    assert from_stats["num_ref"] == from_batch["num_ref"] == 16
+    assert from_stats["num_ref"] == from_batch["num_ref"] == 8
 
 
 @pytest.mark.slow
