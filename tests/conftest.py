@@ -1,5 +1,6 @@
 """Shared test fixtures: parity fixture paths, single-threaded torch, offline hubs, and the tiny pipeline many tests
 read (preprocessing -> train_repae -> save_vae_weights -> cache_latents -> train_ldm_only), built once per session."""
+import os
 import shutil
 
 import pytest
@@ -7,6 +8,10 @@ import pytest
 from shared import shared_folder
 
 # torch and the project load in the test processes, not here: pytest-xdist's controller imports this file too.
+
+# torch.compile on a CPU first builds a 150 MB precompiled header into its cache (/tmp/torchinductor_USER); the few
+# kernels the tests compile build as fast without it (75 s cold either way here), leaving 3 MB there, not 155 MB.
+os.environ.setdefault("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)
