@@ -81,11 +81,10 @@ def reference(tiny_data, tmp_path_factory, inception_weights):
         import numpy as np
 
         import reference_stats
-        from dataset.h5 import ImageDataset
         from evaluation import dinov2
+        from evaluation.sources import H5Images
 
-        dataset = ImageDataset(str(tiny_data))
-        np.savez(folder / "adm.npz", arr_0=np.stack([dataset[i][0].permute(1, 2, 0).numpy() for i in range(8)]))
+        np.savez(folder / "adm.npz", arr_0=next(H5Images(str(tiny_data)).batches(8)).numpy())
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(dinov2, "DINOV2_ENCODER", "dinov2-vit-s")
             reference_stats.main([str(folder / "adm.npz"), str(folder / "ref.npz"), "--inception-weights",

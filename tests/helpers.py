@@ -27,7 +27,7 @@ from weights.latent_stats import set_batchnorm_stats
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_LOSS_CONFIG = FIXTURES / "tiny_vae_loss.yaml"
-TINY_VAE = "f8d4-pico"  # the test runs' VAE: its checkpoints are a third of f8d4-tiny's
+TINY_VAE = "f8d4-pico"  # the test runs' VAE: a third of f8d4-tiny's weights
 
 
 def load_fixture(name):
